@@ -1,0 +1,34 @@
+"""dino_jax: DINO self-supervised ViT pre-training in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dino_jax",
+    version="0.1.0",
+    description="DINO (Caron et al. 2021) self-supervised ViT pre-training in JAX/Flax, "
+                "numerically matching the official PyTorch recipe.",
+    packages=find_packages(include=["dino_jax", "dino_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.10",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "einops>=0.8",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tensorboardX>=2.6",
+        # tf.data input pipeline (only dino_jax/data imports TensorFlow). The CPU
+        # wheel is enough: TF never touches the accelerator here.
+        "tensorflow-cpu>=2.16",
+        "tensorflow-datasets>=4.9",
+    ],
+    extras_require={
+        # PyTorch only reads/writes official .pth files. 2.13.0 is the CPU wheel
+        # that lies on the dev/CI disk; any torch that loads DINO .pth files works.
+        "torch": ["torch>=2.0"],
+        "test": ["pytest>=8", "torch>=2.0"],
+    },
+    entry_points={},
+)
