@@ -1,0 +1,76 @@
+"""DINO projection head: MLP, L2-normalised bottleneck, weight-normalised last layer.
+
+Row i of the last layer's weight is ``g_i * v_i / ||v_i||`` (PyTorch
+``weight_norm`` with dim=0). ``g`` starts at 1; with ``norm_last_layer`` the
+official code never trains it (the optimiser must leave it out: see
+:func:`frozen_weight_g_mask`).
+
+Flax layout: Dense kernels are (in, out) = torch weight.T; ``weight_v`` is
+(bottleneck, out) and ``weight_g`` is (1, out) — kept 2-D like torch's (out, 1)
+so the official weight-decay rule (skip biases and 1-D tensors) treats it the same.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dino_jax.models.vit import torch_default_uniform_init, trunc_normal_init
+
+Dtype = Any
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+    """``torch.nn.functional.normalize``: x / max(||x||, eps)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+class WeightNormDense(nn.Module):
+    """Bias-free Linear with weight normalisation over each output unit."""
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_dim = x.shape[-1]
+        v = self.param("weight_v", torch_default_uniform_init(in_dim), (in_dim, self.features))
+        g = self.param("weight_g", nn.initializers.ones, (1, self.features))
+        w = v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=0, keepdims=True)))
+        return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+
+
+class DINOHead(nn.Module):
+    out_dim: int = 65536
+    norm_last_layer: bool = True
+    nlayers: int = 3
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        nlayers = max(self.nlayers, 1)
+        dims = [self.bottleneck_dim] if nlayers == 1 else (
+            [self.hidden_dim] * (nlayers - 1) + [self.bottleneck_dim])
+        x = x.astype(self.dtype)
+        for i, d in enumerate(dims):
+            x = nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32,
+                         kernel_init=trunc_normal_init(0.02), bias_init=nn.initializers.zeros,
+                         name=f"mlp_{i}")(x)
+            if i < len(dims) - 1:
+                x = nn.gelu(x, approximate=False)
+        x = l2_normalize(x.astype(jnp.float32))
+        return WeightNormDense(self.out_dim, self.dtype, name="last_layer")(x)
+
+
+def frozen_weight_g_mask(head_params, norm_last_layer: bool):
+    """Pytree of bools over ``head_params``: True where a leaf is never trained
+    (``last_layer/weight_g`` when ``norm_last_layer``)."""
+    def is_frozen(path, _):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        return bool(norm_last_layer and keys[-2:] == ["last_layer", "weight_g"])
+
+    return jax.tree_util.tree_map_with_path(is_frozen, head_params)

@@ -1,0 +1,333 @@
+"""Vision Transformer (Flax Linen) computing what the official DINO ViT computes.
+
+Same numerics as the official PyTorch model (pre-norm blocks, LayerNorm eps
+1e-6 with exact variance, qkv bias, erf GELU, final LayerNorm, CLS feature) and
+the same initial distributions. Position embeddings are interpolated for other
+image sizes with a re-statement of PyTorch's ``interpolate(mode="bicubic",
+align_corners=False, scale_factor=...)`` including the official ``+0.1`` offset;
+``jax.image.resize`` would give different numbers (different kernel and scale).
+
+Images are NHWC float. Parameters are float32; ``dtype`` sets the compute dtype
+(``jnp.bfloat16`` for mixed precision); softmax and normalisations run in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import lru_cache
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Official builders (vision_transformer.py): widths, depths and heads.
+ARCHS = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def trunc_normal_init(std: float = 0.02, lower: float = -2.0, upper: float = 2.0) -> Callable:
+    """The official ``trunc_normal_(std, a=-2, b=2)``: bounds are absolute values,
+    so with std 0.02 the truncation is at +-100 sigma (effectively a normal)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        x = jax.random.truncated_normal(key, lower / std, upper / std, shape, jnp.float32)
+        return (x * std).astype(dtype)
+
+    return init
+
+
+def torch_default_uniform_init(fan_in: int) -> Callable:
+    """PyTorch's default Linear/Conv init (kaiming_uniform a=sqrt(5) and its bias
+    rule): uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+    return init
+
+
+# --------------------------------------------------------------------------
+# PyTorch-exact bicubic interpolation of the position embedding.
+# --------------------------------------------------------------------------
+_CUBIC_A = -0.75  # PyTorch's (and OpenCV's) cubic convolution coefficient.
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Weights of the 4 taps at offsets -1, 0, 1, 2 for fractional position t."""
+    a = _CUBIC_A
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)], axis=-1)
+
+
+@lru_cache(maxsize=64)
+def bicubic_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
+    """(out_size, in_size) matrix of ``upsample_bicubic2d`` along one axis with
+    ``align_corners=False`` and an explicit scale factor: source coordinate
+    ``(dst + 0.5) / scale - 0.5`` (not clamped), taps clamped to the border.
+    Computed in float32 like PyTorch's CPU kernel."""
+    inv = np.float32(1.0) / np.float32(scale)
+    dst = np.arange(out_size, dtype=np.float32)
+    src = (dst + np.float32(0.5)) * inv - np.float32(0.5)
+    base = np.floor(src)
+    t = (src - base).astype(np.float32)
+    w = _cubic_weights(t).astype(np.float32)  # (out, 4)
+    m = np.zeros((out_size, in_size), np.float64)
+    for k in range(4):
+        idx = np.clip(base.astype(np.int64) - 1 + k, 0, in_size - 1)
+        np.add.at(m, (np.arange(out_size), idx), w[:, k])
+    return m.astype(np.float32)
+
+
+def interpolate_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int, image_h: int,
+                          image_w: int) -> jax.Array:
+    """The official ``interpolate_pos_encoding`` for a (1, 1+N, D) embedding and
+    an image giving a grid_h x grid_w patch grid."""
+    n = pos_embed.shape[1] - 1
+    if grid_h * grid_w == n and image_h == image_w:
+        return pos_embed
+    side = int(math.sqrt(n))
+    if side * side != n:
+        raise ValueError(f"position embedding has {n} patch positions, not a square grid")
+    # Official: scale_factor=((h0 + 0.1) / sqrt(N), (w0 + 0.1) / sqrt(N)), output = floor(in * scale).
+    scale_h = (grid_h + 0.1) / math.sqrt(n)
+    scale_w = (grid_w + 0.1) / math.sqrt(n)
+    out_h = int(math.floor(float(side) * scale_h))
+    out_w = int(math.floor(float(side) * scale_w))
+    assert (out_h, out_w) == (grid_h, grid_w), (out_h, out_w, grid_h, grid_w)
+    mh = jnp.asarray(bicubic_matrix(side, out_h, scale_h))
+    mw = jnp.asarray(bicubic_matrix(side, out_w, scale_w))
+    cls_pos = pos_embed[:, :1]
+    grid = pos_embed[0, 1:].reshape(side, side, -1).astype(jnp.float32)
+    grid = jnp.einsum("ia,jb,abd->ijd", mh, mw, grid, precision=jax.lax.Precision.HIGHEST)
+    patch_pos = grid.reshape(1, out_h * out_w, -1).astype(pos_embed.dtype)
+    return jnp.concatenate([cls_pos, patch_pos], axis=1)
+
+
+# --------------------------------------------------------------------------
+# Modules.
+# --------------------------------------------------------------------------
+def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=trunc_normal_init(0.02), bias_init=nn.initializers.zeros,
+                    precision=None, name=name)
+
+
+def _layer_norm(name: str, eps: float, dtype: Dtype) -> nn.LayerNorm:
+    # use_fast_variance=False: E[(x-mean)^2] as PyTorch, not E[x^2]-mean^2.
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample: keep with prob 1-rate, scale kept by 1/(1-rate)."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jnp.floor(keep + jax.random.uniform(self.make_rng("drop_path"), shape, x.dtype))
+        return x / keep * mask
+
+
+class Attention(nn.Module):
+    dim: int
+    num_heads: int
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+    fused: bool = False  # jax.nn.dot_product_attention (cuDNN flash on GPU); off = official op order
+
+    @nn.compact
+    def __call__(self, x, return_attention: bool = False):
+        b, n, c = x.shape
+        hd = c // self.num_heads
+        qkv = _dense(3 * c, "qkv", self.dtype, self.qkv_bias)(x)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
+        scale = hd ** -0.5
+        if self.fused and not return_attention:
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+            attn = None
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v)
+        out = _dense(c, "proj", self.dtype)(out.reshape(b, n, c))
+        return out, attn
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = _dense(self.hidden, "fc1", self.dtype)(x)
+        x = nn.gelu(x, approximate=False)
+        return _dense(self.dim, "fc2", self.dtype)(x)
+
+
+class Block(nn.Module):
+    dim: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path: float = 0.0
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    fused_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_attention: bool = False):
+        y, attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.dtype,
+                            self.fused_attention, name="attn")(
+            _layer_norm("norm1", self.eps, self.dtype)(x), return_attention)
+        if return_attention:
+            return attn
+        drop = DropPath(self.drop_path, name="drop_path")
+        x = x + drop(y, train)
+        y = Mlp(int(self.dim * self.mlp_ratio), self.dim, self.dtype, name="mlp")(
+            _layer_norm("norm2", self.eps, self.dtype)(x))
+        return x + drop(y, train)
+
+
+class VisionTransformer(nn.Module):
+    """The official DINO ViT. ``__call__`` returns the normalised CLS token (B, D)."""
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    img_size: int = 224
+    layer_norm_eps: float = 1e-6
+    in_chans: int = 3
+    dtype: Dtype = jnp.float32
+    fused_attention: bool = False  # deviation switch: cuDNN/XLA fused attention kernel
+    remat: bool = False  # rematerialise each block in the backward pass (memory for compute)
+
+    def setup(self):
+        p = self.patch_size
+        fan_in = self.in_chans * p * p
+        self.patch_embed = nn.Conv(
+            self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+            param_dtype=jnp.float32, kernel_init=torch_default_uniform_init(fan_in),
+            bias_init=torch_default_uniform_init(fan_in), name="patch_embed")
+        num_patches = (self.img_size // p) ** 2
+        self.cls_token = self.param("cls_token", trunc_normal_init(0.02), (1, 1, self.embed_dim))
+        self.pos_embed = self.param("pos_embed", trunc_normal_init(0.02),
+                                    (1, num_patches + 1, self.embed_dim))
+        # Linear drop-path rule over depth, as torch.linspace(0, rate, depth).
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
+        block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+        self.blocks = [
+            block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, self.qkv_bias,
+                      float(rates[i]), self.layer_norm_eps, self.dtype, self.fused_attention,
+                      name=f"blocks_{i}")
+            for i in range(self.depth)
+        ]
+        self.norm = _layer_norm("norm", self.layer_norm_eps, self.dtype)
+
+    def prepare_tokens(self, x):
+        b, h, w, c = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+        x = self.patch_embed(x.astype(self.dtype))  # (B, h/p, w/p, D)
+        gh, gw = x.shape[1], x.shape[2]
+        x = x.reshape(b, gh * gw, self.embed_dim)
+        cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, self.embed_dim))
+        x = jnp.concatenate([cls, x], axis=1)
+        pos = interpolate_pos_embed(self.pos_embed, gh, gw, h, w)
+        return x + pos.astype(x.dtype)
+
+    def get_tokens(self, x, train: bool = False):
+        """All final normalised tokens (B, 1+N, D): [:, 0] is CLS, [:, 1:] the patches."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x, train, False)
+        return self.norm(x)
+
+    def __call__(self, x, train: bool = False):
+        return self.get_tokens(x, train)[:, 0]
+
+    def get_last_selfattention(self, x):
+        """Softmax attention of the last block, (B, heads, N, N), float32."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x, False, False)
+        return self.blocks[-1](x, False, True)
+
+    def get_intermediate_layers(self, x, n: int = 1):
+        """Normalised outputs of the last ``n`` blocks, a list of (B, 1+N, D)."""
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, False, False)
+            if self.depth - i <= n:
+                out.append(self.norm(x))
+        return out
+
+
+def _builder(arch: str):
+    def build(patch_size: int = 16, **kwargs) -> VisionTransformer:
+        return VisionTransformer(patch_size=patch_size, **{**ARCHS[arch], **kwargs})
+
+    build.__name__ = arch
+    build.__doc__ = f"Official {arch}: {ARCHS[arch]}, mlp_ratio 4, qkv bias, LayerNorm eps 1e-6."
+    return build
+
+
+vit_tiny = _builder("vit_tiny")
+vit_small = _builder("vit_small")
+vit_base = _builder("vit_base")
+
+# Fields of VisionTransformer that describe the architecture (saved as model-config JSON).
+CONFIG_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+                 "img_size", "layer_norm_eps")
+
+
+def arch_name(embed_dim: int, depth: int, num_heads: int) -> str:
+    """'vit_small' etc. when the dims are an official builder's, else 'custom'."""
+    for name, dims in ARCHS.items():
+        if dims == dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads):
+            return name
+    return "custom"
+
+
+def model_config(model: VisionTransformer) -> dict:
+    """JSON-able description from which :func:`build_backbone` rebuilds the model."""
+    cfg = {f: getattr(model, f) for f in CONFIG_FIELDS}
+    cfg["arch"] = arch_name(model.embed_dim, model.depth, model.num_heads)
+    return cfg
+
+
+def build_backbone(cfg: dict, **overrides) -> VisionTransformer:
+    """Build from a model-config dict (``arch`` + fields); unknown keys are ignored."""
+    fields = {f.name for f in dataclasses.fields(VisionTransformer)}
+    kwargs = {k: v for k, v in cfg.items() if k in fields}
+    arch = cfg.get("arch", "custom")
+    if arch in ARCHS:
+        kwargs = {**ARCHS[arch], **kwargs}
+    elif arch != "custom":
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHS)} or 'custom'")
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs)
