@@ -76,3 +76,19 @@ def load_params_dir(path: str):
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot restore {path}/{PARAMS}: {str(e).splitlines()[0]}") from e
     return params, meta["model"], meta.get("head")
+
+
+def load_backbone(path: str, dtype=None):
+    """(VisionTransformer, backbone params) from a params dir (convert/export) or a
+    training workdir (the teacher backbone of its latest complete checkpoint)."""
+    from dino_jax.models import vit  # noqa: PLC0415
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such checkpoint: {path}")
+    if is_params_dir(path):
+        params, model_cfg, _ = load_params_dir(path)
+        backbone = params["backbone"]
+    else:
+        backbone, model_cfg = load_teacher_backbone_from_workdir(path)
+    overrides = {"dtype": dtype} if dtype is not None else {}
+    return vit.build_backbone(model_cfg, **overrides), backbone
