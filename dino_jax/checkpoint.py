@@ -92,3 +92,100 @@ def load_backbone(path: str, dtype=None):
         backbone, model_cfg = load_teacher_backbone_from_workdir(path)
     overrides = {"dtype": dtype} if dtype is not None else {}
     return vit.build_backbone(model_cfg, **overrides), backbone
+
+
+# --------------------------------------------------------------------------
+# Training checkpoints: WORKDIR/checkpoints/<step>/{state,meta}.
+# --------------------------------------------------------------------------
+CHECKPOINTS = "checkpoints"
+
+
+def _is_prng_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def state_to_tree(state):
+    """A TrainState (flax struct) as nested dicts of arrays; typed PRNG keys as raw key data."""
+    from flax import serialization  # noqa: PLC0415
+
+    tree = serialization.to_state_dict(state)
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_prng_key(x) else x, tree)
+
+
+def tree_to_state(target, tree):
+    """Inverse of :func:`state_to_tree` onto ``target``'s structure (and key types)."""
+    from flax import serialization  # noqa: PLC0415
+
+    target_tree = serialization.to_state_dict(target)
+    tree = jax.tree.map(
+        lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_prng_key(t) else x,
+        target_tree, tree)
+    return serialization.from_state_dict(target, tree)
+
+
+def abstract_tree(tree):
+    """ShapeDtypeStructs (with shardings) describing ``tree``: the restore target."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager for training: async saves, the last ``keep`` plus every
+    step multiple of ``keep_every``. Orbax writes each step to a temporary folder and
+    renames it when complete, so ``latest_step`` never sees a half-written checkpoint."""
+
+    def __init__(self, workdir: str, keep: int = 3, keep_every: int = 0, async_save: bool = True):
+        ocp = _ocp()
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max(int(keep), 1), keep_period=int(keep_every) or None,
+            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def all_steps(self):
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state_tree, meta: dict) -> bool:
+        """Start saving (asynchronously); False when ``step`` is already saved."""
+        ocp = _ocp()
+        if step in self.manager.all_steps():
+            return False
+        return bool(self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta)), force=True))
+
+    def restore(self, step: int, target_tree=None):
+        """(state tree, meta) of ``step``; with ``target_tree`` arrays get its shardings."""
+        ocp = _ocp()
+        restore = ocp.args.StandardRestore(abstract_tree(target_tree) if target_tree is not None else None)
+        out = self.manager.restore(int(step), args=ocp.args.Composite(state=restore, meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_teacher_backbone_from_workdir(workdir: str):
+    """(teacher backbone params as numpy, model_cfg) of the latest complete checkpoint."""
+    ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{workdir} is neither a params dir nor a training workdir "
+                              f"(no {CHECKPOINTS}/ and no {MODEL_CONFIG})")
+    ckpt = TrainCheckpointer(workdir, async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"{workdir} has no complete checkpoint")
+        tree, meta = ckpt.restore(step)
+    finally:
+        ckpt.close()
+    teacher = tree.get("teacher_params", tree.get("teacher"))
+    if teacher is None or "backbone" not in teacher:
+        raise CheckpointError(f"checkpoint {step} in {workdir} holds no teacher backbone")
+    return jax.tree.map(np.asarray, teacher["backbone"]), meta["model_config"]

@@ -1,0 +1,87 @@
+"""Defaults shared by every config in configs/: the official main_dino.py defaults.
+
+Each value's comment says why it is what it is (mostly the official help text).
+configs/*.py start from :func:`base_config` and override what their recipe
+changes, commenting the provenance of each override.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # ---------------- model ----------------
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "vit_small"        # vit_tiny | vit_small | vit_base | custom (then embed_dim/depth/num_heads)
+    c.model.patch_size = 16           # 8 gives better features at ~4x the compute
+    c.model.embed_dim = 384           # used only when arch == 'custom'
+    c.model.depth = 12                # used only when arch == 'custom'
+    c.model.num_heads = 6             # used only when arch == 'custom'
+    c.model.img_size = 224            # position-embedding grid; other crop sizes interpolate it
+    c.model.drop_path_rate = 0.1      # stochastic depth of the student (teacher: none)
+    c.model.out_dim = 65536           # prototypes K of the DINO head
+    c.model.norm_last_layer = True    # freeze g=1 of the weight-normed last layer: more stable;
+                                      # official recipes use False for ViT-S, True for ViT-B
+    c.model.head_nlayers = 3
+    c.model.head_hidden_dim = 2048
+    c.model.head_bottleneck_dim = 256
+    c.model.dtype = "float32"         # compute dtype; 'bfloat16' = mixed precision (params stay fp32).
+                                      # Official default is fp16 autocast; fp32 is the exact reference.
+    c.model.fused_attention = False   # deviation: jax.nn.dot_product_attention (cuDNN flash on GPU)
+    c.model.remat = False             # rematerialise blocks: less memory, ~30% more compute
+
+    # ---------------- objective ----------------
+    c.momentum_teacher = 0.996        # EMA base, cosine to 1; use 0.9995 for batch 256
+    c.warmup_teacher_temp = 0.04      # initial teacher temperature
+    c.teacher_temp = 0.04             # final teacher temperature; >0.07 is unstable
+    c.warmup_teacher_temp_epochs = 0  # linear warm-up of the teacher temperature (official README uses 30)
+    c.student_temp = 0.1
+    c.center_momentum = 0.9
+
+    # ---------------- optimisation ----------------
+    c.batch_size = 512                # GLOBAL batch (official: batch_size_per_gpu 64 x 8 GPUs)
+    c.epochs = 100
+    c.total_steps = 0                 # > 0 overrides epochs * steps_per_epoch (schedules span it)
+    c.lr = 0.0005                     # peak lr for batch 256; scaled by batch_size / 256
+    c.min_lr = 1e-6                   # end of the cosine
+    c.warmup_epochs = 10              # linear lr warm-up from 0
+    c.weight_decay = 0.04             # cosine from weight_decay ...
+    c.weight_decay_end = 0.4          # ... to weight_decay_end: more decay late helps ViTs
+    c.clip_grad = 3.0                 # per-tensor gradient-norm clip; 0 disables
+    c.freeze_last_layer = 1           # epochs with the head's last layer frozen
+    c.num_fsdp = 1                    # >1: shard params/optimiser state over an 'fsdp' mesh axis
+
+    # ---------------- data (dino_jax/data) ----------------
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"            # fashion_mnist | tfds | image_folder
+    c.data.path = ""                  # ImageFolder root or the Fashion-MNIST IDX dir
+    c.data.tfds_name = "imagenet2012"
+    c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+    c.data.train_split = "train"
+    c.data.eval_split = ""            # split for periodic k-NN ('' = none), e.g. 'validation'
+    c.data.knn_train_split = "train"  # k-NN feature bank split
+    c.data.global_crop_size = 224
+    c.data.local_crop_size = 96
+    c.data.global_crops_scale = (0.4, 1.0)   # official default; 0.14-1 without multi-crop
+    c.data.local_crops_scale = (0.05, 0.4)
+    c.data.num_local_crops = 8
+    c.data.shuffle_buffer = 16384
+    c.data.num_parallel_calls = -1    # AUTOTUNE
+    c.data.prefetch = 2
+    c.data.eval_image_size = 224
+    c.data.eval_resize_ratio = 256 / 224
+
+    # ---------------- loop, checkpoints, logging ----------------
+    c.seed = 0
+    c.log_every_steps = 10            # progress line + TensorBoard scalars
+    c.checkpoint_every_steps = 1000   # async Orbax save
+    c.keep_checkpoints = 3            # keep the last K ...
+    c.keep_every_steps = 0            # ... plus every step multiple of this (0: none), official saveckp_freq
+    c.knn_every_epochs = 0            # periodic k-NN of the teacher when data.eval_split is set (0: end only)
+    c.knn_k = 20
+    c.knn_temperature = 0.07
+    c.knn_max_train_examples = 0      # cap the k-NN bank (0 = whole split): keeps periodic eval cheap
+    c.knn_max_eval_examples = 0
+    c.knn_batch_size = 256
+    c.stop_on_nonfinite = True        # stop (after keeping the last good checkpoint) on NaN/inf loss
+    return c
