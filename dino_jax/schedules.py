@@ -61,7 +61,8 @@ def build_schedules(config, steps_per_epoch: int) -> dict[str, np.ndarray]:
 
     Training lasts ``config.epochs * steps_per_epoch`` iterations, or
     ``config.total_steps`` when that is > 0 (the cosines then span
-    ``total_steps``; warm-ups stay ``warmup_epochs * steps_per_epoch``).
+    ``total_steps``; the lr warm-up stays ``warmup_epochs * steps_per_epoch``,
+    rounded, so fractional ``warmup_epochs`` work).
     Returns {name: array of length total_iters} with the keys of
     :data:`SCHEDULE_KEYS`:
 
@@ -79,7 +80,8 @@ def build_schedules(config, steps_per_epoch: int) -> dict[str, np.ndarray]:
     total = total_steps if total_steps > 0 else int(config.epochs) * steps_per_epoch
     epoch = np.arange(total) // steps_per_epoch
     num_epochs = int(epoch[-1]) + 1 if total else 0
-    warm = int(config.warmup_epochs) * steps_per_epoch
+    # Fractional warm-up epochs (short runs) round to whole iterations.
+    warm = int(round(float(config.warmup_epochs) * steps_per_epoch))
     lr = cosine_schedule(scaled_lr(config.lr, config.batch_size), config.min_lr, total, warm)
     wd = cosine_schedule(config.weight_decay, config.weight_decay_end, total)
     momentum = cosine_schedule(config.momentum_teacher, 1.0, total)

@@ -46,12 +46,10 @@ def test_teacher_temp_schedule_matches_fixture(name):
 
 
 def _config(**kw):
-    c = ml_collections.ConfigDict(dict(
+    return ml_collections.ConfigDict({**dict(
         batch_size=512, epochs=5, total_steps=0, lr=5e-4, min_lr=1e-6, warmup_epochs=2,
         weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996, freeze_last_layer=1,
-        warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3))
-    c.update(kw)
-    return c
+        warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3), **kw})
 
 
 def test_build_schedules_official_recipe():
@@ -77,3 +75,9 @@ def test_build_schedules_total_steps_override():
     np.testing.assert_array_equal(s["lr"][:4], np.linspace(0, 1e-3, 4))
     with pytest.raises(ValueError):
         schedules.build_schedules(_config(), steps_per_epoch=0)
+
+
+def test_build_schedules_fractional_warmup():
+    s = schedules.build_schedules(_config(warmup_epochs=0.5, epochs=2), steps_per_epoch=8)
+    np.testing.assert_array_equal(s["lr"][:4], np.linspace(0, 1e-3, 4))
+    assert s["lr"][4] == pytest.approx(1e-3)

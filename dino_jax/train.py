@@ -1,0 +1,308 @@
+"""TrainState and the DINO train step: one official training iteration as a pure,
+jitted, sharded JAX function.
+
+One step (official main_dino.train_one_epoch, in this order):
+  1. teacher forward on the 2 global crops (no drop path);
+  2. student forward on all crops: the backbone once per distinct resolution,
+     the head once on the concatenation of all CLS features;
+  3. DINO loss (centering + sharpening of the teacher, stop-gradient);
+  4. gradients; each tensor clipped to ``clip_grad`` on its own; the last layer
+     skipped entirely while frozen; AdamW (PyTorch semantics);
+  5. teacher <- m teacher + (1 - m) student over every parameter;
+  6. center <- 0.9 center + 0.1 mean(global-batch teacher outputs of this step).
+
+Layout: the pipeline's batch is ``{'global_crops': (B, 2, H, W, 3),
+'local_crops': (B, L, h, w, 3)}`` split over devices along B. The step keeps the
+crops batch-major inside each resolution (``(B, n) -> (B*n)``, which keeps every
+device's rows local) and moves the crop axis first only for the loss, which
+sees ``(ncrops, B, K)``: the same pairs, the same means as the official
+crop-major ``chunk`` (the models treat rows independently).
+
+Per-iteration hyper-parameters (lr, weight decay, teacher momentum, teacher
+temperature, last-layer freeze) come from ``schedules.build_schedules`` as
+device arrays passed to the step and indexed with ``state.step`` on device.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dino_jax import ema, losses, optim, schedules, sharding
+from dino_jax.models import vit
+from dino_jax.models.head import DINOHead
+
+PyTree = Any
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue (all of it is saved in checkpoints).
+
+    step: int32 scalar, iterations done (indexes the schedules).
+    student, teacher: params ``{'backbone': ..., 'head': ...}`` (float32).
+    center: (1, K) float32, the DINO center.
+    opt_state: :func:`optim.dino_optimizer` state (per-parameter step counts,
+      both Adam moments).
+    rng: uint32[2] base PRNG key; step i uses ``fold_in(rng, i)`` (drop path),
+      so a resumed run draws the same numbers.
+    """
+    step: jax.Array
+    student: PyTree
+    teacher: PyTree
+    center: jax.Array
+    opt_state: PyTree
+    rng: jax.Array
+
+
+# --------------------------------------------------------------------------
+# Models and optimiser from the config.
+# --------------------------------------------------------------------------
+def compute_dtype(config) -> Any:
+    name = str(config.model.get("dtype", "float32"))
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def build_models(config) -> tuple[vit.VisionTransformer, DINOHead]:
+    """(backbone, head) from ``config.model``. The backbone carries the student's
+    drop-path rate; the teacher runs the same module with ``train=False``."""
+    m = config.model
+    cfg = {k: m[k] for k in ("arch", "patch_size", "img_size", "fused_attention", "remat",
+                             "embed_dim", "depth", "num_heads") if k in m}
+    if cfg.get("arch", "custom") != "custom":  # official dims win over placeholder fields
+        for k in ("embed_dim", "depth", "num_heads"):
+            cfg.pop(k, None)
+    dtype = compute_dtype(config)
+    backbone = vit.build_backbone(cfg, drop_path_rate=float(m.get("drop_path_rate", 0.0)),
+                                  dtype=dtype)
+    head = DINOHead(out_dim=int(m.out_dim), norm_last_layer=bool(m.norm_last_layer),
+                    nlayers=int(m.get("head_nlayers", 3)), hidden_dim=int(m.get("head_hidden_dim", 2048)),
+                    bottleneck_dim=int(m.get("head_bottleneck_dim", 256)), dtype=dtype)
+    return backbone, head
+
+
+def make_optimizer(config) -> optax.GradientTransformationExtraArgs:
+    """Per-tensor clip + PyTorch AdamW with the official masks (lr and weight decay
+    are given per step by the train step)."""
+    return optim.dino_optimizer(
+        clip_grad=float(config.get("clip_grad", 3.0) or 0.0),
+        b1=float(config.get("adam_b1", 0.9)), b2=float(config.get("adam_b2", 0.999)),
+        eps=float(config.get("adam_eps", 1e-8)),
+        norm_last_layer=bool(config.model.norm_last_layer))
+
+
+# --------------------------------------------------------------------------
+# State creation.
+# --------------------------------------------------------------------------
+def train_state_from_params(student: PyTree, out_dim: int, optimizer, rng) -> TrainState:
+    """A fresh TrainState from given student params: teacher = copy of the
+    student (as officially), center 0, optimiser at step 0."""
+    student = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), student)
+    rng = jnp.asarray(rng)
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), student=student,
+        teacher=ema.teacher_ema().init(student),
+        center=ema.center_ema(out_dim).init(), opt_state=optimizer.init(student),
+        rng=rng.astype(jnp.uint32))
+
+
+def init_student_params(backbone, head, rng) -> PyTree:
+    """Student params with the model init distributions."""
+    k_b, k_h = jax.random.split(rng)
+    x = jnp.zeros((1, backbone.img_size, backbone.img_size, backbone.in_chans), jnp.float32)
+    bparams = backbone.init({"params": k_b}, x)["params"]
+    hparams = head.init({"params": k_h}, jnp.zeros((1, backbone.embed_dim), jnp.float32))["params"]
+    return {"backbone": bparams, "head": hparams}
+
+
+def state_shardings(state_shape: TrainState, mesh, num_fsdp: int | None = None,
+                    min_fsdp_size: int = sharding.MIN_FSDP_SIZE) -> TrainState:
+    """Shardings of every TrainState leaf: replicated, or fsdp-split when the mesh's
+    'fsdp' axis is > 1 (large tensors only; see sharding.fsdp_spec)."""
+    fsdp = (num_fsdp if num_fsdp is not None else mesh.shape[sharding.FSDP_AXIS]) > 1
+    return sharding.tree_shardings(state_shape, mesh, fsdp=fsdp, min_size=min_fsdp_size)
+
+
+def create_train_state(config, rng=None, mesh=None, models=None, optimizer=None,
+                       min_fsdp_size: int = sharding.MIN_FSDP_SIZE) -> TrainState:
+    """Initialise the student with the model init distributions, teacher = student.
+
+    rng: PRNG key (default ``PRNGKey(config.seed)``). With ``mesh`` the state is
+    created directly in its shardings (replicated, or fsdp-split over
+    ``mesh.shape['fsdp']``), so a large model is never materialised on one device.
+    """
+    backbone, head = models if models is not None else build_models(config)
+    optimizer = optimizer if optimizer is not None else make_optimizer(config)
+    if rng is None:
+        rng = jax.random.PRNGKey(int(config.get("seed", 0)))
+    init_key, step_key = jax.random.split(rng)
+
+    def init(k_init, k_step):
+        return train_state_from_params(init_student_params(backbone, head, k_init),
+                                       head.out_dim, optimizer, k_step)
+
+    if mesh is None:
+        return jax.jit(init)(init_key, step_key)
+    shape = jax.eval_shape(init, init_key, step_key)
+    out_sh = state_shardings(shape, mesh, min_fsdp_size=min_fsdp_size)
+    return jax.jit(init, out_shardings=out_sh)(init_key, step_key)
+
+
+# --------------------------------------------------------------------------
+# The step.
+# --------------------------------------------------------------------------
+def _crop_groups(batch) -> list[jax.Array]:
+    """Crop arrays (B, n, H, W, C) grouped by resolution, global first; groups of
+    equal resolution are merged (the official wrapper groups consecutive equal
+    widths)."""
+    groups = [batch["global_crops"]]
+    local = batch.get("local_crops")
+    if local is not None and local.shape[1] > 0:
+        if local.shape[2:] == groups[0].shape[2:]:
+            groups = [jnp.concatenate([groups[0], local], axis=1)]
+        else:
+            groups.append(local)
+    return groups
+
+
+def make_train_step_fn(config, models=None, optimizer=None, batch_sharding=None) -> Callable:
+    """The pure (un-jitted) step ``(state, batch, schedule) -> (state, metrics)``.
+
+    ``schedule``: dict of per-iteration arrays (``schedules.device_schedules``);
+    this step reads entry ``state.step``. ``batch_sharding``: optional sharding
+    of the flattened crops (keeps activations split over the batch).
+    """
+    backbone, head = models if models is not None else build_models(config)
+    optimizer = optimizer if optimizer is not None else make_optimizer(config)
+    student_temp = float(config.get("student_temp", 0.1))
+    center_tf = ema.center_ema(head.out_dim, float(config.get("center_momentum", 0.9)))
+    teacher_tf = ema.teacher_ema()
+    out_dim = head.out_dim
+
+    def constrain(x):
+        if batch_sharding is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, batch_sharding)
+
+    def flatten(x):  # (B, n, H, W, C) -> (B*n, H, W, C), batch-major
+        return constrain(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]))
+
+    def train_step(state: TrainState, batch, schedule):
+        i = state.step
+        at = lambda name: jnp.take(jnp.asarray(schedule[name]), i, mode="clip")  # noqa: E731
+        lr, wd, momentum = at("lr"), at("weight_decay"), at("momentum")
+        teacher_temp, frozen = at("teacher_temp"), at("last_layer_frozen")
+        step_rng = jax.random.fold_in(state.rng, i)
+
+        groups = _crop_groups(batch)
+        b = groups[0].shape[0]
+        n_global = batch["global_crops"].shape[1]
+        if n_global != 2:
+            raise ValueError(f"DINO uses 2 global crops, got {n_global}")
+
+        # 1. teacher on the 2 global crops (eval mode).
+        t_feat = backbone.apply({"params": state.teacher["backbone"]},
+                                flatten(batch["global_crops"]), train=False)
+        t_out = head.apply({"params": state.teacher["head"]}, t_feat)
+        t_out = jax.lax.stop_gradient(t_out.astype(jnp.float32)).reshape(b, 2, out_dim)
+        t_out = jnp.swapaxes(t_out, 0, 1)                                  # (2, B, K)
+
+        # 2.-3. student on all crops + loss.
+        def loss_fn(student):
+            feats = []
+            for g, crops in enumerate(groups):
+                f = backbone.apply({"params": student["backbone"]}, flatten(crops), train=True,
+                                   rngs={"drop_path": jax.random.fold_in(step_rng, g)})
+                feats.append(f.reshape(b, crops.shape[1], -1))
+            feats = jnp.concatenate(feats, axis=1)                         # (B, ncrops, D)
+            ncrops = feats.shape[1]
+            s_out = head.apply({"params": student["head"]},
+                               constrain(feats.reshape(b * ncrops, -1)))
+            s_out = jnp.swapaxes(s_out.astype(jnp.float32).reshape(b, ncrops, out_dim), 0, 1)
+            return losses.dino_loss(s_out, t_out, state.center, teacher_temp, student_temp)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+
+        # 4. clip, last-layer freeze, AdamW.
+        trainable = optim.trainable_mask(state.student, head.norm_last_layer)
+        grad_norm = optax.tree.norm(
+            [g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable)) if t])
+        active = optim.active_mask(optim.last_layer_mask(state.student), frozen)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.student,
+                                              learning_rate=lr, weight_decay=wd, active=active)
+        student = optax.apply_updates(state.student, updates)
+
+        # 5.-6. teacher EMA and center.
+        teacher = teacher_tf.update(student, state.teacher, momentum)
+        center = center_tf.update(t_out, state.center)
+
+        metrics = {
+            "loss": loss, **aux,
+            "collapse": losses.collapse_flag(aux, out_dim).astype(jnp.float32),
+            "lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": teacher_temp,
+            "last_layer_frozen": frozen.astype(jnp.float32),
+            "grad_norm": grad_norm,
+            "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
+        }
+        new_state = state.replace(step=i + 1, student=student, teacher=teacher, center=center,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_train_step(config, mesh=None, state_sharding: TrainState | None = None, models=None,
+                    optimizer=None, donate: bool = True, schedule: dict | None = None) -> Callable:
+    """The jitted train step.
+
+    Without ``mesh``: plain ``jax.jit``. With ``mesh``: explicit shardings, the
+    batch split over every device (``sharding.batch_sharding``), the state as
+    ``state_sharding`` (default: replicated; pass ``state_shardings(...)`` of an
+    fsdp mesh for fsdp), metrics and schedule replicated. The state buffers are
+    donated. Returns ``step(state, batch, schedule) -> (state, metrics)``; when
+    ``schedule`` (host arrays from ``schedules.build_schedules``) is given here it
+    is put on the devices once and the returned function is ``step(state, batch)``.
+    """
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        fn = make_train_step_fn(config, models, optimizer)
+        jitted = jax.jit(fn, donate_argnums=donate_argnums)
+        repl = None
+    else:
+        bsh = sharding.batch_sharding(mesh)
+        repl = sharding.replicated(mesh)
+        fn = make_train_step_fn(config, models, optimizer, batch_sharding=bsh)
+        st_sh = state_sharding if state_sharding is not None else repl
+        jitted = jax.jit(fn, in_shardings=(st_sh, bsh, repl), out_shardings=(st_sh, repl),
+                         donate_argnums=donate_argnums)
+    if schedule is None:
+        return jitted
+    dev = schedules.device_schedules(schedule)
+    dev = jax.device_put(dev, repl) if repl is not None else jax.device_put(dev)
+
+    def step(state, batch):
+        return jitted(state, batch, dev)
+
+    step.jitted, step.schedule = jitted, dev
+    return step
+
+
+def batch_from_crops(crops: list[np.ndarray], nchw: bool = False) -> dict:
+    """{'global_crops', 'local_crops'} from a list of per-crop (B, ...) arrays
+    (first 2 global, then the local ones), optionally transposing NCHW -> NHWC."""
+    if nchw:
+        crops = [np.transpose(c, (0, 2, 3, 1)) for c in crops]
+    batch = {"global_crops": np.stack(crops[:2], axis=1)}
+    if len(crops) > 2:
+        batch["local_crops"] = np.stack(crops[2:], axis=1)
+    return batch
