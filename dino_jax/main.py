@@ -1,0 +1,299 @@
+"""DINO pre-training: ``python -m dino_jax.main --config=configs/vit_s8.py --workdir=DIR``.
+
+Builds the mesh, the input pipeline and the train state, resumes from the latest
+complete checkpoint in ``--workdir`` if there is one, trains, checkpoints
+(asynchronously, every ``checkpoint_every_steps`` and at the end; on SIGTERM
+before exiting), logs (stdout progress with ETA, TensorBoard, JSON-lines
+``log.txt``), and evaluates the teacher with k-NN when the config names an
+evaluation split. The last stdout line is a JSON summary.
+
+Any config field can be overridden: ``--config.batch_size=1024 --config.model.dtype=bfloat16``.
+Several hosts: TPU pods and SLURM/Open MPI GPU clusters are detected; elsewhere set
+``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` or the flags below.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (a Python file with get_config()); fields can be "
+    "overridden as --config.field=value.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, log.txt and TensorBoard events. "
+                    "An existing run in it is resumed from its latest complete checkpoint.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs "
+                    "where it is not detected (default: $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) of a multi-host run.")
+flags.DEFINE_integer("process_id", None, "Index of this process in a multi-host run.")
+flags.DEFINE_boolean("skip_random_init_knn", False, "Skip the k-NN of the randomly initialised "
+                     "teacher at the end (the quickstart's baseline).")
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop with one clear line (non-finite loss, bad config...)."""
+
+
+# --------------------------------------------------------------------------
+# Distributed set-up.
+# --------------------------------------------------------------------------
+def _multi_host_environment() -> bool:
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return True
+    return "," in env.get("TPU_WORKER_HOSTNAMES", "")  # TPU pod slice with several hosts
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
+    """``jax.distributed.initialize`` when running on several hosts (no-op otherwise)."""
+    import jax  # noqa: PLC0415
+
+    if coordinator_address or num_processes:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    elif _multi_host_environment():
+        jax.distributed.initialize()
+
+
+# --------------------------------------------------------------------------
+# Pre-emption.
+# --------------------------------------------------------------------------
+class PreemptionFlag:
+    """Set by SIGTERM (and SIGINT): the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """True on every host once any host was asked to stop."""
+        import jax  # noqa: PLC0415
+
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        import numpy as np  # noqa: PLC0415
+
+        flags_all = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+        return bool(np.asarray(flags_all).any())
+
+
+# --------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------
+def guarded_step_fn(step_fn):
+    """Wrap an un-jitted ``(state, batch, schedule) -> (state, metrics)`` so a step with
+    a non-finite loss or gradient returns the state it was given (the last good
+    one), which the loop then checkpoints before stopping."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    def guarded(state, batch, schedule):
+        new_state, metrics = step_fn(state, batch, schedule)
+        ok = metrics["nonfinite"] == 0
+        new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        return new_state, metrics
+
+    return guarded
+
+
+def _model_configs(config, backbone, head):
+    from dino_jax.models import vit  # noqa: PLC0415
+
+    head_cfg = dict(out_dim=head.out_dim, norm_last_layer=head.norm_last_layer, nlayers=head.nlayers,
+                    hidden_dim=head.hidden_dim, bottleneck_dim=head.bottleneck_dim)
+    return vit.model_config(backbone), head_cfg
+
+
+def train_and_evaluate(config, workdir: str, random_init_knn: bool = True, stream=None) -> dict:
+    """Train (or resume) in ``workdir``; returns the summary printed as the last line."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from dino_jax import checkpoint, schedules, sharding, train  # noqa: PLC0415
+    from dino_jax.data import pipeline  # noqa: PLC0415
+    from dino_jax.metrics_log import TrainLogger, format_duration  # noqa: PLC0415
+
+    t_start = time.time()
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(int(config.num_fsdp))
+    sharding.check_batch_size(int(config.batch_size), mesh)
+
+    ckpt = checkpoint.TrainCheckpointer(workdir, keep=config.keep_checkpoints,
+                                        keep_every=config.keep_every_steps)
+    latest = ckpt.latest_step()
+    start_step = int(latest or 0)
+
+    data_it = pipeline.create_train_iterator(config.data, int(config.batch_size), int(config.seed),
+                                             start_step=start_step)
+    steps_per_epoch = int(data_it.steps_per_epoch)
+    sched = schedules.build_schedules(config, steps_per_epoch)
+    total_steps = len(sched["lr"])
+
+    models = train.build_models(config)
+    backbone, head = models
+    model_cfg, head_cfg = _model_configs(config, backbone, head)
+    optimizer = train.make_optimizer(config)
+    rng = jax.random.PRNGKey(int(config.seed))
+    state = train.create_train_state(config, rng, mesh=mesh, models=models, optimizer=optimizer)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    init_teacher_backbone = None
+    if random_init_knn and config.data.eval_split:
+        # The same model at random init: the baseline the trained teacher is compared with.
+        init_teacher_backbone = jax.tree.map(np.asarray, state.teacher["backbone"])
+    if latest is not None:
+        tree, meta = ckpt.restore(latest, checkpoint.state_to_tree(state))
+        state = checkpoint.tree_to_state(state, tree)
+        if meta.get("model_config") != model_cfg:
+            raise TrainingError(f"the checkpoint in {workdir} is a different model "
+                                f"({meta.get('model_config')}) than the config ({model_cfg})")
+
+    logger = TrainLogger(workdir, total_steps, steps_per_epoch, int(config.batch_size), is_main,
+                         stream=stream)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.student))
+    logger.print(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
+                 f"({jax.devices()[0].platform}), mesh {dict(mesh.shape)}; "
+                 f"{data_it.num_examples} training images, {steps_per_epoch} steps/epoch, "
+                 f"{total_steps} steps; student {n_params / 1e6:.2f}M params")
+    if latest is not None:
+        logger.print(f"resumed from {ckpt.directory}/{latest} (epoch {latest / steps_per_epoch:.2f})")
+
+    repl = sharding.replicated(mesh)
+    bsh = sharding.batch_sharding(mesh)
+    step_fn = guarded_step_fn(train.make_train_step_fn(config, models, optimizer, batch_sharding=bsh))
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, bsh, repl), out_shardings=(state_sh, repl),
+                     donate_argnums=(0,))
+    dev_sched = jax.device_put(schedules.device_schedules(sched), repl)
+
+    def save(step, state):
+        meta = {"model_config": model_cfg, "head_config": head_cfg, "data": {"step": int(step)},
+                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                "config": json.loads(config.to_json_best_effort())}
+        return ckpt.save(int(step), checkpoint.state_to_tree(state), meta)
+
+    preempt = PreemptionFlag().install()
+    step = start_step
+    stopped = None
+    logger.start(step)
+    try:
+        while step < total_steps:
+            batch = sharding.shard_host_batch(next(data_it), mesh)
+            state, metrics = jitted(state, batch, dev_sched)
+            if float(metrics["nonfinite"]) != 0:  # the official code also stops here (loss.item())
+                save(step, state)  # the guarded step returned the last good state
+                ckpt.wait()
+                raise TrainingError(
+                    f"non-finite loss ({float(metrics['loss'])}) at step {step + 1}: stopped; the "
+                    f"last good state (step {step}) is checkpointed in {ckpt.directory}")
+            step += 1
+            log_now = step % int(config.log_every_steps) == 0 or step == total_steps
+            logger.step_metrics(step, jax.device_get(metrics), log_now)
+            if step % steps_per_epoch == 0 or step == total_steps:
+                epoch = (step - 1) // steps_per_epoch
+                extra = {}
+                every = int(config.knn_every_epochs)
+                if (config.data.eval_split and every > 0 and (epoch + 1) % every == 0
+                        and step != total_steps):
+                    extra = _knn(config, backbone, state.teacher["backbone"], mesh, logger)
+                    logger.scalars(step, extra, "knn")
+                stats = logger.end_epoch(epoch, extra)
+                logger.print(f"epoch {epoch} done: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in stats.items() if k != "epoch" and isinstance(v, float)))
+            if step % int(config.checkpoint_every_steps) == 0 and step < total_steps:
+                save(step, state)
+            if preempt.agreed():
+                stopped = "preempted"
+                break
+        save(step, state)
+        ckpt.wait()
+    finally:
+        preempt.restore()
+        ckpt.close()
+    train_seconds = time.time() - t_start
+    summary = {"step": step, "total_steps": total_steps, "train_seconds": round(train_seconds, 1)}
+    if stopped:
+        logger.print(f"stopped by signal at step {step}: checkpoint saved; rerun the same command to resume")
+        summary["stopped"] = stopped
+        logger.close()
+        return summary
+    logger.print(f"training done in {format_duration(train_seconds)}")
+    if config.data.eval_split:
+        res = _knn(config, backbone, state.teacher["backbone"], mesh, logger)
+        summary["knn_top1_trained"] = res["knn_top1"]
+        summary["knn_top5_trained"] = res["knn_top5"]
+        logger.print(f"k-NN (k={config.knn_k}) top-1 of the trained teacher: {res['knn_top1']:.2f}%")
+        if init_teacher_backbone is not None:
+            res0 = _knn(config, backbone, init_teacher_backbone, mesh, logger)
+            summary["knn_top1_random"] = res0["knn_top1"]
+            summary["knn_top5_random"] = res0["knn_top5"]
+            logger.print(f"k-NN (k={config.knn_k}) top-1 of the random-init teacher: {res0['knn_top1']:.2f}%")
+        logger.scalars(step, {k: v for k, v in summary.items() if k.startswith("knn")}, "knn")
+    logger.close()
+    return summary
+
+
+def _knn(config, backbone, backbone_params, mesh, logger) -> dict:
+    """Weighted k-NN top-1/top-5 (percent) of ``backbone_params`` on the eval split."""
+    from dino_jax.eval import knn  # noqa: PLC0415
+
+    t0 = time.time()
+    res = knn.knn_evaluate(
+        backbone, backbone_params, config.data, train_split=config.data.knn_train_split,
+        eval_split=config.data.eval_split, k=int(config.knn_k), temperature=float(config.knn_temperature),
+        batch_size=int(config.knn_batch_size), mesh=mesh,
+        max_train_examples=int(config.knn_max_train_examples) or None,
+        max_eval_examples=int(config.knn_max_eval_examples) or None)
+    logger.print(f"k-NN: top-1 {res['knn_top1']:.2f}% top-5 {res['knn_top5']:.2f}% "
+                 f"({time.time() - t0:.0f}s)")
+    return {"knn_top1": float(res["knn_top1"]), "knn_top5": float(res["knn_top5"])}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.config is None or FLAGS.workdir is None:
+        print("error: --config and --workdir are required "
+              "(e.g. --config=configs/quickstart.py --workdir=/tmp/dino)", file=sys.stderr)
+        sys.exit(2)
+    from dino_jax import checkpoint  # noqa: PLC0415
+    from dino_jax.data.pipeline import DataError  # noqa: PLC0415
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        summary = train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                     random_init_knn=not FLAGS.skip_random_init_knn)
+    except (TrainingError, DataError, checkpoint.CheckpointError, ValueError) as e:
+        if os.environ.get("DINO_JAX_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    import jax  # noqa: PLC0415
+
+    if jax.process_index() == 0:
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,111 @@
+"""Training logs: a progress line with ETA, TensorBoard scalars, and the official
+JSON-lines ``log.txt`` (one line per epoch of averaged ``train_*`` stats).
+
+Only process 0 writes; TensorBoard goes through tensorboardX so the core never
+imports TensorFlow.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+
+def format_duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class EpochAverager:
+    """Running means of scalar metrics over an epoch (the official MetricLogger global_avg)."""
+
+    def __init__(self):
+        self.sums = defaultdict(float)
+        self.counts = defaultdict(int)
+
+    def update(self, metrics: dict):
+        for k, v in metrics.items():
+            self.sums[k] += float(v)
+            self.counts[k] += 1
+
+    def averages(self) -> dict:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+class TrainLogger:
+    def __init__(self, workdir: str, total_steps: int, steps_per_epoch: int, global_batch: int,
+                 is_main: bool = True, tensorboard: bool = True, stream=None):
+        self.workdir, self.total_steps, self.steps_per_epoch = workdir, total_steps, steps_per_epoch
+        self.global_batch, self.is_main = global_batch, is_main
+        self.stream = stream or sys.stdout
+        self.writer = None
+        if is_main and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+                self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                self.print("tensorboardX is not installed: no TensorBoard events are written")
+        self.epoch_avg = EpochAverager()
+        self._t_last, self._step_last = None, None
+        self._t_start, self._step_start = None, None
+
+    def print(self, msg: str):
+        if self.is_main:
+            print(msg, file=self.stream, flush=True)
+
+    def start(self, step: int):
+        self._t_start = self._t_last = time.time()
+        self._step_start = self._step_last = step
+
+    def step_metrics(self, step: int, metrics: dict, log_now: bool):
+        """Accumulate per-step metrics; print the progress line and write TensorBoard when asked."""
+        self.epoch_avg.update(metrics)
+        if not log_now:
+            return
+        now = time.time()
+        steps = step - self._step_last
+        rate = steps * self.global_batch / max(now - self._t_last, 1e-9)
+        done = step - self._step_start
+        elapsed = now - self._t_start
+        eta = (self.total_steps - step) * elapsed / done if done > 0 else float("nan")
+        self._t_last, self._step_last = now, step
+        epoch = step / self.steps_per_epoch
+        self.print(
+            f"step {step}/{self.total_steps}  epoch {epoch:.2f}  loss {metrics.get('loss', float('nan')):.4f}  "
+            f"lr {metrics.get('lr', 0):.3g}  wd {metrics.get('wd', 0):.3g}  "
+            f"t_temp {metrics.get('teacher_temp', 0):.3f}  mom {metrics.get('momentum', 0):.5f}  "
+            f"entropy {metrics.get('teacher_entropy', float('nan')):.3f}  "
+            f"{rate:.1f} img/s  ETA {format_duration(eta)}")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"train/{k}", float(v), step)
+            self.writer.add_scalar("train/images_per_second", rate, step)
+            self.writer.flush()
+
+    def scalars(self, step: int, values: dict, prefix: str):
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
+            self.writer.flush()
+
+    def end_epoch(self, epoch: int, extra: dict | None = None):
+        """Append the official per-epoch JSON line ({"train_loss": ..., "epoch": e}) to log.txt."""
+        stats = {f"train_{k}": v for k, v in self.epoch_avg.averages().items()}
+        stats.update(extra or {})
+        stats["epoch"] = epoch
+        if self.is_main:
+            with open(os.path.join(self.workdir, "log.txt"), "a") as f:
+                f.write(json.dumps(stats) + "\n")
+        self.epoch_avg = EpochAverager()
+        return stats
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,119 @@
+"""Training checkpoints (save/restore/keep policy/half-written) and export."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dino_jax import checkpoint, convert, export, train
+from dino_jax.config_defaults import base_config
+from dino_jax.models import vit
+
+
+def tiny_config():
+    c = base_config()
+    c.model.arch = "custom"
+    c.model.patch_size = 4
+    c.model.embed_dim = 16
+    c.model.depth = 1
+    c.model.num_heads = 2
+    c.model.img_size = 16
+    c.model.out_dim = 32
+    c.model.head_hidden_dim = 16
+    c.model.head_bottleneck_dim = 8
+    return c
+
+
+def _state(seed=0):
+    c = tiny_config()
+    return c, train.create_train_state(c, jax.random.PRNGKey(seed))
+
+
+def _meta(c, step):
+    backbone, _ = train.build_models(c)
+    return {"model_config": vit.model_config(backbone), "data": {"step": step}}
+
+
+def test_save_restore_exact_and_keep_policy(tmp_path):
+    c, state = _state()
+    ck = checkpoint.TrainCheckpointer(str(tmp_path), keep=2, keep_every=4)
+    states = {}
+    for step in range(1, 7):
+        s = state.replace(step=jnp.int32(step), center=state.center + step)
+        states[step] = s
+        assert ck.save(step, checkpoint.state_to_tree(s), _meta(c, step))
+    assert not ck.save(6, checkpoint.state_to_tree(states[6]), _meta(c, 6))  # no double save
+    ck.wait()
+    assert ck.all_steps() == [4, 5, 6]  # last 2, plus every multiple of 4
+    tree, meta = ck.restore(6, checkpoint.state_to_tree(state))
+    restored = checkpoint.tree_to_state(state, tree)
+    ck.close()
+    assert meta["data"] == {"step": 6}
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(states[6])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert type(restored) is type(state)
+
+
+def test_half_written_checkpoint_is_never_restored(tmp_path):
+    c, state = _state()
+    ck = checkpoint.TrainCheckpointer(str(tmp_path))
+    ck.save(3, checkpoint.state_to_tree(state), _meta(c, 3))
+    ck.close()
+    ckdir = tmp_path / checkpoint.CHECKPOINTS
+    # What a save killed mid-way leaves: Orbax's temporary folder, never renamed.
+    shutil.copytree(ckdir / "3", ckdir / "9.orbax-checkpoint-tmp-1234")
+    (ckdir / "9.orbax-checkpoint-tmp-1234" / "state").rename(ckdir / "9.orbax-checkpoint-tmp-1234" / "x")
+    ck = checkpoint.TrainCheckpointer(str(tmp_path))
+    assert ck.latest_step() == 3
+    ck.close()
+    params, cfg = checkpoint.load_teacher_backbone_from_workdir(str(tmp_path))
+    assert cfg["embed_dim"] == 16
+
+
+def test_export_orbax_plain_restore_and_torch(tmp_path):
+    c, state = _state(seed=3)
+    ck = checkpoint.TrainCheckpointer(str(tmp_path / "run"))
+    ck.save(5, checkpoint.state_to_tree(state), _meta(c, 5))
+    ck.close()
+    out = str(tmp_path / "exported")
+    assert export.main(["--workdir", str(tmp_path / "run"), "--output", out]) == 0
+    # Plain Orbax, no dino_jax classes: nested dicts of arrays.
+    tree = ocp.StandardCheckpointer().restore(os.path.join(out, "params"))
+    assert set(tree) == {"backbone"}
+    np.testing.assert_array_equal(tree["backbone"]["pos_embed"], state.teacher["backbone"]["pos_embed"])
+    with open(os.path.join(out, "model_config.json")) as f:
+        cfg = json.load(f)["model"]
+    model, params = checkpoint.load_backbone(out)
+    x = jnp.ones((2, 16, 16, 3))
+    backbone, _ = train.build_models(c)
+    np.testing.assert_allclose(model.apply({"params": params}, x),
+                               backbone.apply({"params": state.teacher["backbone"]}, x), rtol=1e-6)
+    assert cfg["patch_size"] == 4
+    # Exporting again refuses to overwrite.
+    assert export.main(["--workdir", str(tmp_path / "run"), "--output", out]) == 1
+    pytest.importorskip("torch", reason="the torch export needs the torch extra")
+    import torch
+
+    pth = str(tmp_path / "teacher.pth")
+    assert export.main(["--workdir", str(tmp_path / "run"), "--output", pth, "--format", "torch"]) == 0
+    sd = torch.load(pth)
+    want = convert.flax_to_torch_backbone(jax.tree.map(np.asarray, state.teacher["backbone"]))
+    assert sorted(sd) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(sd[k].numpy(), want[k])
+
+
+def test_export_errors_are_one_line(tmp_path, capsys):
+    assert export.main(["--workdir", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not a training workdir" in err and len(err.splitlines()) == 1
+    os.makedirs(tmp_path / "empty" / checkpoint.CHECKPOINTS)
+    assert export.main(["--workdir", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 1
+    assert "no complete checkpoint" in capsys.readouterr().err
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
+        checkpoint.load_backbone(str(tmp_path / "missing"))
