@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 0                 # > 0 overrides epochs * steps_per_epoch (schedules span it)
     c.lr = 0.0005                     # peak lr for batch 256; scaled by batch_size / 256
     c.min_lr = 1e-6                   # end of the cosine
-    c.warmup_epochs = 10              # linear lr warm-up from 0
+    c.warmup_epochs = 10.0            # linear lr warm-up from 0 (fractions allowed for short runs)
     c.weight_decay = 0.04             # cosine from weight_decay ...
     c.weight_decay_end = 0.4          # ... to weight_decay_end: more decay late helps ViTs
     c.clip_grad = 3.0                 # per-tensor gradient-norm clip; 0 disables

@@ -19,8 +19,14 @@ import signal
 import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# XLA:CPU runs these small-width ViT steps ~20% faster on the classic (non-thunk)
+# runtime (measured on jax 0.10.2, 2 cores). A CPU-backend flag: no effect on GPU/TPU.
+# Must be set before jax is imported; an explicit setting in XLA_FLAGS wins.
+if "xla_cpu_use_thunk_runtime" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_thunk_runtime=false").strip()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
