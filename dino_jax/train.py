@@ -272,6 +272,9 @@ def make_train_step(config, mesh=None, state_sharding: TrainState | None = None,
     donated. Returns ``step(state, batch, schedule) -> (state, metrics)``; when
     ``schedule`` (host arrays from ``schedules.build_schedules``) is given here it
     is put on the devices once and the returned function is ``step(state, batch)``.
+    A batch the mesh can't split raises one clear ValueError before tracing.
+    ``step.jitted`` is the underlying ``jax.jit`` function (``.lower(...)`` for
+    cost analysis), ``step.schedule`` the device schedule (or None).
     """
     donate_argnums = (0,) if donate else ()
     if mesh is None:
@@ -285,15 +288,25 @@ def make_train_step(config, mesh=None, state_sharding: TrainState | None = None,
         st_sh = state_sharding if state_sharding is not None else repl
         jitted = jax.jit(fn, in_shardings=(st_sh, bsh, repl), out_shardings=(st_sh, repl),
                          donate_argnums=donate_argnums)
+
+    def check(batch):
+        if mesh is not None:  # one clear line instead of an XLA sharding error
+            sharding.check_batch_size(int(np.shape(batch["global_crops"])[0]), mesh)
+
     if schedule is None:
-        return jitted
-    dev = schedules.device_schedules(schedule)
-    dev = jax.device_put(dev, repl) if repl is not None else jax.device_put(dev)
+        def step(state, batch, schedule):
+            check(batch)
+            return jitted(state, batch, schedule)
+        step.schedule = None
+    else:
+        dev = schedules.device_schedules(schedule)
+        dev = jax.device_put(dev, repl) if repl is not None else jax.device_put(dev)
 
-    def step(state, batch):
-        return jitted(state, batch, dev)
-
-    step.jitted, step.schedule = jitted, dev
+        def step(state, batch):
+            check(batch)
+            return jitted(state, batch, dev)
+        step.schedule = dev
+    step.jitted = jitted
     return step
 
 

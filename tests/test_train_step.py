@@ -110,3 +110,111 @@ def test_train_steps_parity(name):
             assert np.all(np.asarray(state.student["head"]["last_layer"]["weight_g"]) == 1.0)
         assert float(metrics["nonfinite"]) == 0.0
         assert float(metrics["lr"]) == pytest.approx(meta["lr"][i], rel=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Behaviour on tiny models (no fixtures).
+# --------------------------------------------------------------------------
+def _tiny_config(**kw):
+    model = dict(arch="custom", patch_size=4, embed_dim=16, depth=1, num_heads=2, img_size=16,
+                 drop_path_rate=0.0, out_dim=64, norm_last_layer=True, head_nlayers=2,
+                 head_hidden_dim=32, head_bottleneck_dim=16, dtype="float32")
+    model.update(kw.pop("model", {}))
+    return ml_collections.ConfigDict({**dict(
+        model=model, batch_size=16, epochs=1, total_steps=0, lr=1e-3, min_lr=1e-3, warmup_epochs=0,
+        weight_decay=0.04, weight_decay_end=0.04, momentum_teacher=0.996, clip_grad=3.0,
+        freeze_last_layer=0, warmup_teacher_temp=0.04, teacher_temp=0.04,
+        warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9, seed=0), **kw})
+
+
+class _Views:
+    """A fixed pool of random 'images'; crops are noisy views of the same image
+    (flipped for the second global view, corners for the local ones)."""
+
+    def __init__(self, b=16, n=64, seed=0):
+        self.rng = np.random.default_rng(seed)
+        self.base = self.rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
+        self.b = b
+
+    def __call__(self):
+        r, x = self.rng, self.base[self.rng.choice(len(self.base), self.b, replace=False)]
+        noisy = lambda a: (a + 0.3 * r.normal(size=a.shape)).astype(np.float32)  # noqa: E731
+        return {"global_crops": np.stack([noisy(x), noisy(x[:, :, ::-1])], 1),
+                "local_crops": np.stack([noisy(x[:, :8, :8]), noisy(x[:, 8:, 8:])], 1)}
+
+
+def _run(config, steps, state, seed=0):
+    sched = schedules.build_schedules(config, steps_per_epoch=steps)
+    state = jax.tree.map(jnp.copy, state)  # the step donates its input
+    step = train.make_train_step(config, schedule=sched)
+    views, history = _Views(seed=seed), []
+    for _ in range(steps):
+        state, m = step(state, views())
+        history.append(jax.device_get(m))
+    return state, history
+
+
+def test_collapse_is_detected():
+    """Momentum 0 (teacher = student) and no centering (center momentum 1 keeps the
+    center at 0) collapse the teacher onto one dimension within a few steps; the
+    official setting does not, and the diagnostics tell them apart."""
+    steps = 20
+    init = train.create_train_state(_tiny_config())
+    _, collapsed = _run(_tiny_config(momentum_teacher=0.0, center_momentum=1.0), steps, init)
+    _, normal = _run(_tiny_config(), steps, init)
+    k = 64
+    late = collapsed[-5:]
+    assert all(m["collapse"] == 1.0 for m in late), [float(m["collapse"]) for m in collapsed]
+    assert all(m["batch_entropy"] < 0.1 * np.log(k) and m["kl"] < 0.05 for m in late)
+    assert all(m["collapse"] == 0.0 for m in normal), [dict(m) for m in normal[-3:]]
+    assert min(m["kl"] for m in normal[5:]) > 0.1
+    assert min(m["batch_entropy"] for m in normal[5:]) > 0.3 * np.log(k)
+    assert all(m["nonfinite"] == 0.0 for m in collapsed + normal)
+
+
+def test_create_train_state():
+    config = _tiny_config(model=dict(head_hidden_dim=64))
+    state = train.create_train_state(config)
+    assert int(state.step) == 0 and state.center.shape == (1, 64) and not np.any(state.center)
+    for a, b in zip(jax.tree.leaves(state.student), jax.tree.leaves(state.teacher)):
+        np.testing.assert_array_equal(a, b)
+    head = state.student["head"]
+    assert np.all(np.asarray(head["last_layer"]["weight_g"]) == 1.0)
+    assert 0.017 < float(np.std(head["mlp_0"]["kernel"])) < 0.023   # trunc_normal(std=0.02)
+    assert not np.any(np.asarray(head["mlp_0"]["bias"]))
+    counts = jax.tree.leaves(train.optim.adamw_state(state.opt_state).count)
+    assert all(int(c) == 0 for c in counts)
+    # Official architectures ignore the 'custom' placeholder dims of the config.
+    cfg = _tiny_config(model=dict(arch="vit_tiny", embed_dim=384, depth=12, num_heads=6))
+    backbone, _ = train.build_models(cfg)
+    assert (backbone.embed_dim, backbone.depth, backbone.num_heads) == (192, 12, 3)
+
+
+def test_bf16_step_and_trainable_weight_g():
+    """bfloat16 compute: params/state stay float32, the loss is the float32 loss
+    within bf16 precision; without norm_last_layer weight_g is trained."""
+    config = _tiny_config(model=dict(norm_last_layer=False, dtype="bfloat16"))
+    state = train.create_train_state(config)
+    batch = _Views()()
+    # float32 reference loss of the same initial state, eagerly (before the
+    # step donates the state's buffers).
+    backbone, head = train.build_models(_tiny_config(model=dict(norm_last_layer=False)))
+    p = state.student
+
+    def outputs(crops):
+        b, n = crops.shape[:2]
+        f = backbone.apply({"params": p["backbone"]}, jnp.asarray(crops).reshape(b * n, *crops.shape[2:]))
+        return head.apply({"params": p["head"]}, f).reshape(b, n, -1).swapaxes(0, 1)
+
+    outputs = jax.jit(outputs)
+    t = outputs(batch["global_crops"])
+    ref, _ = train.losses.dino_loss(jnp.concatenate([t, outputs(batch["local_crops"])]), t,
+                                    state.center, 0.04)
+    step = train.make_train_step(config, schedule=schedules.build_schedules(config, 1))
+    new, m = step(state, batch)
+    for a in jax.tree.leaves(new.student) + jax.tree.leaves(new.teacher):
+        assert a.dtype == jnp.float32
+    assert np.any(np.asarray(new.student["head"]["last_layer"]["weight_g"]) != 1.0)
+    assert float(m["nonfinite"]) == 0.0
+    assert abs(float(m["loss"]) - float(ref)) < 0.05 * abs(float(ref)), (float(m["loss"]), float(ref))
+    assert float(m["loss"]) != float(ref)  # really computed in bfloat16
