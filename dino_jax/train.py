@@ -181,6 +181,14 @@ def make_train_step_fn(config, models=None, optimizer=None, batch_sharding=None)
     ``schedule``: dict of per-iteration arrays (``schedules.device_schedules``);
     this step reads entry ``state.step``. ``batch_sharding``: optional sharding
     of the flattened crops (keeps activations split over the batch).
+
+    Metrics (float32 scalars, replicated): ``loss``; the collapse diagnostics of
+    ``losses.dino_loss`` (``teacher_entropy``, ``batch_entropy``, ``kl``,
+    ``teacher_max_prob``) and ``collapse`` (1.0 when ``losses.collapse_flag``
+    holds); the step's ``lr``, ``wd``, ``momentum``, ``teacher_temp``,
+    ``last_layer_frozen``; ``grad_norm`` (global L2 norm of the trainable
+    gradients before clipping); ``nonfinite`` (1.0 when the loss or a gradient
+    is NaN/inf; the state is updated regardless, guard it outside if wanted).
     """
     backbone, head = models if models is not None else build_models(config)
     optimizer = optimizer if optimizer is not None else make_optimizer(config)

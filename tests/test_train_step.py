@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dino_jax import convert, schedules, train
+from dino_jax import convert, losses, optim, schedules, train
 from dino_jax.models import vit
 from dino_jax.models.head import DINOHead
 from official_fixtures import cases, group, load, max_rel_err
@@ -182,7 +182,7 @@ def test_create_train_state():
     assert np.all(np.asarray(head["last_layer"]["weight_g"]) == 1.0)
     assert 0.017 < float(np.std(head["mlp_0"]["kernel"])) < 0.023   # trunc_normal(std=0.02)
     assert not np.any(np.asarray(head["mlp_0"]["bias"]))
-    counts = jax.tree.leaves(train.optim.adamw_state(state.opt_state).count)
+    counts = jax.tree.leaves(optim.adamw_state(state.opt_state).count)
     assert all(int(c) == 0 for c in counts)
     # Official architectures ignore the 'custom' placeholder dims of the config.
     cfg = _tiny_config(model=dict(arch="vit_tiny", embed_dim=384, depth=12, num_heads=6))
@@ -208,7 +208,7 @@ def test_bf16_step_and_trainable_weight_g():
 
     outputs = jax.jit(outputs)
     t = outputs(batch["global_crops"])
-    ref, _ = train.losses.dino_loss(jnp.concatenate([t, outputs(batch["local_crops"])]), t,
+    ref, _ = losses.dino_loss(jnp.concatenate([t, outputs(batch["local_crops"])]), t,
                                     state.center, 0.04)
     step = train.make_train_step(config, schedule=schedules.build_schedules(config, 1))
     new, m = step(state, batch)
