@@ -199,6 +199,8 @@ def train_and_evaluate(config, workdir: str, random_init_knn: bool = True, strea
         return ckpt.save(int(step), checkpoint.state_to_tree(state), meta)
 
     preempt = PreemptionFlag().install()
+    # Test hook: a real SIGKILL of this process right after this step (crash-resume tests).
+    kill_at = int(os.environ.get("DINO_JAX_TEST_KILL_AT_STEP", "0") or 0)
     step = start_step
     stopped = None
     logger.start(step)
@@ -228,6 +230,8 @@ def train_and_evaluate(config, workdir: str, random_init_knn: bool = True, strea
                     f"{k} {v:.4g}" for k, v in stats.items() if k != "epoch" and isinstance(v, float)))
             if step % int(config.checkpoint_every_steps) == 0 and step < total_steps:
                 save(step, state)
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
             if preempt.agreed():
                 stopped = "preempted"
                 break
