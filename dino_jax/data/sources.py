@@ -1,0 +1,203 @@
+"""Image sources: Fashion-MNIST IDX files, ImageFolder directories, TFDS datasets.
+
+A source knows its size and classes up front and hands tf.data the examples it
+is asked for by index, so the pipeline can shuffle, shard over hosts and resume
+by arithmetic on positions instead of by replaying a stream.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+
+import numpy as np
+
+from dino_jax.data.tfutil import tf
+
+log = logging.getLogger("dino_jax.data")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+class DataError(ValueError):
+    """A dataset problem found at start-up: one clear line for the user."""
+
+
+# --------------------------------------------------------------------------
+# Fashion-MNIST IDX (Debian's dataset-fashion-mnist).
+# --------------------------------------------------------------------------
+def _read_idx(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated ({arr.size} of {int(np.prod(shape))} bytes)")
+    return arr.reshape(shape)
+
+
+def read_fashion_mnist(directory: str, split: str):
+    """(images uint8 (N, 28, 28), labels int32 (N,)) of ``split`` ('train' | 'test')."""
+    if split not in _IDX_FILES:
+        raise DataError(f"unknown Fashion-MNIST split {split!r}; expected one of {sorted(_IDX_FILES)}")
+    if not os.path.isdir(directory):
+        raise DataError(f"Fashion-MNIST directory {directory} does not exist "
+                        f"(apt-get install dataset-fashion-mnist)")
+    paths = []
+    for stem in _IDX_FILES[split]:
+        cands = [os.path.join(directory, stem + ext) for ext in (".gz", "")]
+        found = [p for p in cands if os.path.exists(p)]
+        if not found:
+            raise DataError(f"{cands[0]} not found in the Fashion-MNIST directory {directory}")
+        paths.append(found[0])
+    images, labels = _read_idx(paths[0]), _read_idx(paths[1])
+    if len(images) != len(labels):
+        raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} {len(labels)} labels")
+    return images, labels.astype(np.int32)
+
+
+# --------------------------------------------------------------------------
+# Sources.
+# --------------------------------------------------------------------------
+class Source:
+    """num_examples, num_classes, and ``load(index) -> (uint8 HxWx3 image, int32 label)``
+    as a tf function over a scalar int64 index."""
+    name = "source"
+    num_examples: int
+    num_classes: int
+
+    def load(self, index):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        return f"example {index}"
+
+
+class ArraySource(Source):
+    """In-memory uint8 images (N, H, W) or (N, H, W, C): Fashion-MNIST."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
+        if images.ndim == 3:
+            images = images[..., None]
+        self.images = tf.constant(images)
+        self.labels = tf.constant(labels.astype(np.int32))
+        self.num_examples = int(len(labels))
+        self.num_classes = int(labels.max()) + 1 if len(labels) else 0
+        self.name = name
+
+    def load(self, index):
+        img = tf.gather(self.images, index)
+        if img.shape[-1] == 1:
+            img = tf.image.grayscale_to_rgb(img)
+        return img, tf.gather(self.labels, index)
+
+
+class FolderSource(Source):
+    """ImageFolder: ``root/<class>/<image>``; classes sorted by name as torchvision does."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise DataError(f"image folder {root} does not exist")
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        files, labels = [], []
+        for ci, c in enumerate(classes):
+            for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+                for n in sorted(names):
+                    if n.lower().endswith(IMAGE_EXTENSIONS):
+                        files.append(os.path.join(dirpath, n))
+                        labels.append(ci)
+        if not files:
+            raise DataError(f"image folder {root} has no images in class sub-folders "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
+        self.root, self.classes, self.files = root, classes, files
+        self.paths = tf.constant(files)
+        self.labels = tf.constant(np.asarray(labels, np.int32))
+        self.num_examples, self.num_classes = len(files), len(classes)
+        self.name = f"ImageFolder {root}"
+
+    def load(self, index):
+        data = tf.io.read_file(tf.gather(self.paths, index))
+        img = tf.io.decode_image(data, channels=3, expand_animations=False)
+        img.set_shape([None, None, 3])
+        return img, tf.gather(self.labels, index)
+
+    def describe(self, index: int) -> str:
+        return self.files[index]
+
+
+def _resolve_folder_split(root: str, split: str) -> str:
+    sub = os.path.join(root, split)
+    if os.path.isdir(sub):
+        return sub
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root} does not exist")
+    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    raise DataError(f"no split {split!r} in image folder {root} (sub-folders: {', '.join(splits[:10])})")
+
+
+class TfdsSource(Source):
+    """A prepared TFDS dataset (no download: this runs offline). Random access by
+    index needs an array_record dataset; tfrecord ones are read sequentially by
+    the pipeline (``sequential=True``)."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None):
+        import tensorflow_datasets as tfds  # noqa: PLC0415
+
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and friends
+            raise DataError(f"unknown TFDS dataset {name!r}: {str(e).splitlines()[0]}") from e
+        try:
+            info = builder.info
+            splits = info.splits
+            if split not in splits:
+                raise DataError(f"TFDS dataset {name!r} has no split {split!r} "
+                                f"(splits: {', '.join(sorted(splits.keys()))})")
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"TFDS dataset {name!r} is not prepared in {data_dir or '~/tensorflow_datasets'}: "
+                            f"{str(e).splitlines()[0]}") from e
+        if not builder.is_prepared() if hasattr(builder, "is_prepared") else False:
+            raise DataError(f"TFDS dataset {name!r} is not prepared in {data_dir or '~/tensorflow_datasets'} "
+                            f"(run tfds build / download it where there is network)")
+        self.builder, self.split, self.tfds = builder, split, tfds
+        self.num_examples = int(splits[split].num_examples)
+        label = info.features["label"] if "label" in info.features else None
+        self.num_classes = int(label.num_classes) if label is not None else 0
+        self.name = f"TFDS {name}:{split}"
+        self.sequential = True
+
+    def dataset(self, process_index: int, process_count: int, shuffle_seed: int | None):
+        """Encoded examples of this host's share: {'image': bytes, 'label'}."""
+        split = self.tfds.even_splits(self.split, n=process_count, drop_remainder=True)[process_index]
+        read_config = self.tfds.ReadConfig(shuffle_seed=shuffle_seed, skip_prefetch=True)
+        return self.builder.as_dataset(
+            split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
+            decoders={"image": self.tfds.decode.SkipDecoding()})
+
+
+def make_source(data_cfg, split: str) -> Source:
+    kind = str(data_cfg.source)
+    if kind == "fashion_mnist":
+        images, labels = read_fashion_mnist(str(data_cfg.path or FASHION_MNIST_DIR), split)
+        return ArraySource(images, labels, f"Fashion-MNIST {split}")
+    if kind == "image_folder":
+        if not data_cfg.path:
+            raise DataError("data.path must name the ImageFolder root for data.source='image_folder'")
+        return FolderSource(_resolve_folder_split(str(data_cfg.path), split))
+    if kind == "tfds":
+        if not data_cfg.tfds_name:
+            raise DataError("data.tfds_name must be set for data.source='tfds'")
+        return TfdsSource(str(data_cfg.tfds_name), split, data_cfg.get("tfds_data_dir"))
+    raise DataError(f"unknown data.source {kind!r}; expected fashion_mnist, image_folder or tfds")
