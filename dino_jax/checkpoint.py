@@ -139,7 +139,7 @@ class TrainCheckpointer:
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(int(keep), 1), keep_period=int(keep_every) or None,
-            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+            enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self):
@@ -156,12 +156,28 @@ class TrainCheckpointer:
         return bool(self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta)), force=True))
 
-    def restore(self, step: int, target_tree=None):
-        """(state tree, meta) of ``step``; with ``target_tree`` arrays get its shardings."""
+    def local_target(self, step: int):
+        """Restore target placing every array on this process's first device: reads a
+        checkpoint whatever topology (hosts, devices, fsdp) wrote it."""
         ocp = _ocp()
-        restore = ocp.args.StandardRestore(abstract_tree(target_tree) if target_tree is not None else None)
+        md = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(int(step)), "state"))
+        tree = getattr(md, "item_metadata", md)
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), tree)
+
+    def restore(self, step: int, target_tree=None):
+        """(state tree, meta) of ``step``; with ``target_tree`` arrays get its shardings,
+        otherwise they land on this process's first device."""
+        ocp = _ocp()
+        target = abstract_tree(target_tree) if target_tree is not None else self.local_target(step)
+        restore = ocp.args.StandardRestore(target)
         out = self.manager.restore(int(step), args=ocp.args.Composite(state=restore, meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
+
+    def restore_meta(self, step: int) -> dict:
+        """The JSON meta of ``step`` alone (cheap: no arrays are read)."""
+        ocp = _ocp()
+        return self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def wait(self):
         self.manager.wait_until_finished()

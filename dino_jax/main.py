@@ -148,97 +148,102 @@ def train_and_evaluate(config, workdir: str, random_init_knn: bool = True, strea
 
     ckpt = checkpoint.TrainCheckpointer(workdir, keep=config.keep_checkpoints,
                                         keep_every=config.keep_every_steps)
-    latest = ckpt.latest_step()
-    start_step = int(latest or 0)
-
-    data_it = pipeline.create_train_iterator(config.data, int(config.batch_size), int(config.seed),
-                                             start_step=start_step)
-    steps_per_epoch = int(data_it.steps_per_epoch)
-    sched = schedules.build_schedules(config, steps_per_epoch)
-    total_steps = len(sched["lr"])
-
-    models = train.build_models(config)
-    backbone, head = models
-    model_cfg, head_cfg = _model_configs(config, backbone, head)
-    optimizer = train.make_optimizer(config)
-    rng = jax.random.PRNGKey(int(config.seed))
-    state = train.create_train_state(config, rng, mesh=mesh, models=models, optimizer=optimizer)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    init_teacher_backbone = None
-    if random_init_knn and config.data.eval_split:
-        # The same model at random init: the baseline the trained teacher is compared with.
-        init_teacher_backbone = jax.tree.map(np.asarray, state.teacher["backbone"])
-    if latest is not None:
-        tree, meta = ckpt.restore(latest, checkpoint.state_to_tree(state))
-        state = checkpoint.tree_to_state(state, tree)
-        if meta.get("model_config") != model_cfg:
-            raise TrainingError(f"the checkpoint in {workdir} is a different model "
-                                f"({meta.get('model_config')}) than the config ({model_cfg})")
-
-    logger = TrainLogger(workdir, total_steps, steps_per_epoch, int(config.batch_size), is_main,
-                         stream=stream)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.student))
-    logger.print(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
-                 f"({jax.devices()[0].platform}), mesh {dict(mesh.shape)}; "
-                 f"{data_it.num_examples} training images, {steps_per_epoch} steps/epoch, "
-                 f"{total_steps} steps; student {n_params / 1e6:.2f}M params")
-    if latest is not None:
-        logger.print(f"resumed from {ckpt.directory}/{latest} (epoch {latest / steps_per_epoch:.2f})")
-
-    repl = sharding.replicated(mesh)
-    bsh = sharding.batch_sharding(mesh)
-    step_fn = guarded_step_fn(train.make_train_step_fn(config, models, optimizer, batch_sharding=bsh))
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, bsh, repl), out_shardings=(state_sh, repl),
-                     donate_argnums=(0,))
-    dev_sched = jax.device_put(schedules.device_schedules(sched), repl)
-
-    def save(step, state):
-        meta = {"model_config": model_cfg, "head_config": head_cfg, "data": {"step": int(step)},
-                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                "config": json.loads(config.to_json_best_effort())}
-        return ckpt.save(int(step), checkpoint.state_to_tree(state), meta)
-
-    preempt = PreemptionFlag().install()
-    # Test hook: a real SIGKILL of this process right after this step (crash-resume tests).
-    kill_at = int(os.environ.get("DINO_JAX_TEST_KILL_AT_STEP", "0") or 0)
-    step = start_step
-    stopped = None
-    logger.start(step)
     try:
-        while step < total_steps:
-            batch = sharding.shard_host_batch(next(data_it), mesh)
-            state, metrics = jitted(state, batch, dev_sched)
-            if float(metrics["nonfinite"]) != 0:  # the official code also stops here (loss.item())
-                save(step, state)  # the guarded step returned the last good state
-                ckpt.wait()
-                raise TrainingError(
-                    f"non-finite loss ({float(metrics['loss'])}) at step {step + 1}: stopped; the "
-                    f"last good state (step {step}) is checkpointed in {ckpt.directory}")
-            step += 1
-            log_now = step % int(config.log_every_steps) == 0 or step == total_steps
-            logger.step_metrics(step, jax.device_get(metrics), log_now)
-            if step % steps_per_epoch == 0 or step == total_steps:
-                epoch = (step - 1) // steps_per_epoch
-                extra = {}
-                every = int(config.knn_every_epochs)
-                if (config.data.eval_split and every > 0 and (epoch + 1) % every == 0
-                        and step != total_steps):
-                    extra = _knn(config, backbone, state.teacher["backbone"], mesh, logger)
-                    logger.scalars(step, extra, "knn")
-                stats = logger.end_epoch(epoch, extra)
-                logger.print(f"epoch {epoch} done: " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in stats.items() if k != "epoch" and isinstance(v, float)))
-            if step % int(config.checkpoint_every_steps) == 0 and step < total_steps:
-                save(step, state)
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if preempt.agreed():
-                stopped = "preempted"
-                break
-        save(step, state)
-        ckpt.wait()
+        latest = ckpt.latest_step()
+        start_step = int(latest or 0)
+        data_state = ckpt.restore_meta(latest).get("data") if latest is not None else None
+
+        data_it = pipeline.create_train_iterator(config.data, int(config.batch_size), int(config.seed),
+                                                 start_step=start_step, state=data_state)
+        steps_per_epoch = int(data_it.steps_per_epoch)
+        sched = schedules.build_schedules(config, steps_per_epoch)
+        total_steps = len(sched["lr"])
+
+        models = train.build_models(config)
+        backbone, head = models
+        model_cfg, head_cfg = _model_configs(config, backbone, head)
+        optimizer = train.make_optimizer(config)
+        rng = jax.random.PRNGKey(int(config.seed))
+        state = train.create_train_state(config, rng, mesh=mesh, models=models, optimizer=optimizer)
+        state_sh = jax.tree.map(lambda x: x.sharding, state)
+        init_teacher_backbone = None
+        if random_init_knn and config.data.eval_split:
+            # The same model at random init: the baseline the trained teacher is compared with.
+            init_teacher_backbone = jax.tree.map(np.asarray, state.teacher["backbone"])
+        if latest is not None:
+            tree, meta = ckpt.restore(latest, checkpoint.state_to_tree(state))
+            state = checkpoint.tree_to_state(state, tree)
+            if meta.get("model_config") != model_cfg:
+                raise TrainingError(f"the checkpoint in {workdir} is a different model "
+                                    f"({meta.get('model_config')}) than the config ({model_cfg})")
+
+        logger = TrainLogger(workdir, total_steps, steps_per_epoch, int(config.batch_size), is_main,
+                             stream=stream)
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.student))
+        logger.print(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
+                     f"({jax.devices()[0].platform}), mesh {dict(mesh.shape)}; "
+                     f"{data_it.num_examples} training images, {steps_per_epoch} steps/epoch, "
+                     f"{total_steps} steps; student {n_params / 1e6:.2f}M params")
+        if latest is not None:
+            logger.print(f"resumed from {ckpt.directory}/{latest} (epoch {latest / steps_per_epoch:.2f})")
+
+        repl = sharding.replicated(mesh)
+        bsh = sharding.batch_sharding(mesh)
+        step_fn = guarded_step_fn(train.make_train_step_fn(config, models, optimizer, batch_sharding=bsh))
+        jitted = jax.jit(step_fn, in_shardings=(state_sh, bsh, repl), out_shardings=(state_sh, repl),
+                         donate_argnums=(0,))
+        dev_sched = jax.device_put(schedules.device_schedules(sched), repl)
+
+        def save(step, state):
+            meta = {"model_config": model_cfg, "head_config": head_cfg, "data": data_it.get_state(),
+                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                    "config": json.loads(config.to_json_best_effort())}
+            return ckpt.save(int(step), checkpoint.state_to_tree(state), meta)
+
+        preempt = PreemptionFlag().install()
+        # Test hook: a real SIGKILL of this process right after this step (crash-resume tests);
+        # in-flight async saves are let finish first so the restart has a checkpoint to resume.
+        kill_at = int(os.environ.get("DINO_JAX_TEST_KILL_AT_STEP", "0") or 0)
+        step = start_step
+        stopped = None
+        logger.start(step)
+        try:
+            while step < total_steps:
+                batch = sharding.shard_host_batch(next(data_it), mesh)
+                state, metrics = jitted(state, batch, dev_sched)
+                if float(metrics["nonfinite"]) != 0:  # the official code also stops here (loss.item())
+                    save(step, state)  # the guarded step returned the last good state
+                    ckpt.wait()
+                    raise TrainingError(
+                        f"non-finite loss ({float(metrics['loss'])}) at step {step + 1}: stopped; the "
+                        f"last good state (step {step}) is checkpointed in {ckpt.directory}")
+                step += 1
+                log_now = step % int(config.log_every_steps) == 0 or step == total_steps
+                logger.step_metrics(step, jax.device_get(metrics), log_now)
+                if step % steps_per_epoch == 0 or step == total_steps:
+                    epoch = (step - 1) // steps_per_epoch
+                    extra = {}
+                    every = int(config.knn_every_epochs)
+                    if (config.data.eval_split and every > 0 and (epoch + 1) % every == 0
+                            and step != total_steps):
+                        extra = _knn(config, backbone, state.teacher["backbone"], mesh, logger)
+                        logger.scalars(step, extra, "knn")
+                    stats = logger.end_epoch(epoch, extra)
+                    logger.print(f"epoch {epoch} done: " + ", ".join(
+                        f"{k} {v:.4g}" for k, v in stats.items() if k != "epoch" and isinstance(v, float)))
+                if step % int(config.checkpoint_every_steps) == 0 and step < total_steps:
+                    save(step, state)
+                if step == kill_at:
+                    ckpt.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if preempt.agreed():
+                    stopped = "preempted"
+                    break
+            save(step, state)
+            ckpt.wait()
+        finally:
+            preempt.restore()
     finally:
-        preempt.restore()
         ckpt.close()
     train_seconds = time.time() - t_start
     summary = {"step": step, "total_steps": total_steps, "train_seconds": round(train_seconds, 1)}

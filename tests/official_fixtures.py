@@ -52,3 +52,23 @@ def max_rel_err(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def state_rel_err(path, a, b, embed_dim):
+    """max |a - b| / max |b|, without the key part of attn/qkv/bias (in the
+    parameters and both Adam moments): its gradient is exactly 0 mathematically
+    (a shift of every key adds a constant to each softmax row), so what lands
+    there is rounding residue that Adam's g / (|g| + eps) amplifies; it depends
+    on the summation order and is not a property of the step (see
+    test_train_step.py for the same exemption against the official numbers)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    keys = jax.tree_util.keystr(path)
+    if keys.endswith("['attn']['qkv']['bias']") and a.ndim == 1:
+        keep = np.ones(a.shape, bool)
+        keep[embed_dim:2 * embed_dim] = False
+        a, b = a[keep], b[keep]
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))

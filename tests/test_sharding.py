@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from official_fixtures import state_rel_err
 
 NUM_DEVICES = 8
 STEPS = 3
@@ -27,26 +28,6 @@ def _config():
         weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.9, clip_grad=0.5,
         freeze_last_layer=1, warmup_teacher_temp=0.04, teacher_temp=0.07,
         warmup_teacher_temp_epochs=2, student_temp=0.1, center_momentum=0.9, seed=0, num_fsdp=1))
-
-
-def _rel_err(path, a, b, embed_dim):
-    """max |a - b| / max |b|, without the key part of attn/qkv/bias (in the
-    parameters and both Adam moments): its gradient is exactly 0 mathematically
-    (a shift of every key adds a constant to each softmax row), so what lands
-    there is rounding residue that Adam's g / (|g| + eps) amplifies; it depends
-    on the summation order and is not a property of the step (see
-    test_train_step.py for the same exemption against the official numbers)."""
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    keys = jax.tree_util.keystr(path)
-    if keys.endswith("['attn']['qkv']['bias']") and a.ndim == 1:
-        keep = np.ones(a.shape, bool)
-        keep[embed_dim:2 * embed_dim] = False
-        a, b = a[keep], b[keep]
-    if a.size == 0:
-        return 0.0
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def _worker():
@@ -92,7 +73,7 @@ def _worker():
                 config, mesh=sharding.make_mesh(4), min_fsdp_size=0))), jax.tree.leaves(fresh))))
     for label, num_fsdp in (("dp8", 1), ("fsdp2x4", 4)):
         state, loss, n_split = run(sharding.make_mesh(num_fsdp), num_fsdp)
-        errs = [_rel_err(p, a, b, config.model.embed_dim) for (p, a), b in
+        errs = [state_rel_err(p, a, b, config.model.embed_dim) for (p, a), b in
                 zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(ref))]
         if os.environ.get("DEBUG_SHARDING"):
             paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(ref)[0]]

@@ -1,0 +1,239 @@
+"""Weighted k-NN evaluation of a backbone, following the official eval_knn.py.
+
+    python -m dino_jax.eval.knn --checkpoint DIR --source fashion_mnist --eval_split test
+
+Features: the CLS token of the (teacher) backbone on the evaluation transform,
+L2-normalised. Classifier: for each test feature the k most similar train
+features (cosine), each voting for its label with weight exp(sim / T); classes
+ranked by summed votes; top-1 / top-5 in percent (T = 0.07, k = 10, 20, 100, 200).
+The similarity search runs on device in chunks of the test set and of the
+train bank with a running top-k merge, so a 1.28M x 384 bank never becomes a
+full similarity matrix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def l2_normalize(x, eps=1e-12):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+# --------------------------------------------------------------------------
+# Features.
+# --------------------------------------------------------------------------
+def make_feature_fn(model, mesh=None, method=None):
+    """Jitted ``(params, images) -> L2-normalised features``, batch split over the mesh."""
+    def fn(params, images):
+        if method is None:
+            out = model.apply({"params": params}, images)
+        else:
+            out = model.apply({"params": params}, images, method=method)
+        return l2_normalize(out.astype(jnp.float32))
+
+    if mesh is None:
+        return jax.jit(fn)
+    from dino_jax import sharding  # noqa: PLC0415
+
+    return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.batch_sharding(mesh))
+
+
+def extract_features(feature_fn, params, eval_iterator, mesh=None, progress=None):
+    """(features (N, D) float32, labels (N,)) for every valid example of the iterator
+    (all hosts' shards gathered on every host; padding removed)."""
+    feats, labels = [], []
+    n_batches = len(eval_iterator)
+    t0 = time.time()
+    for i, batch in enumerate(eval_iterator):
+        images, lab, mask = batch["image"], batch["label"], batch["mask"]
+        if mesh is not None:
+            from dino_jax import sharding  # noqa: PLC0415
+
+            bsh = sharding.batch_sharding(mesh)
+            out = feature_fn(params, jax.make_array_from_process_local_data(bsh, images))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils  # noqa: PLC0415
+
+                out = multihost_utils.process_allgather(out, tiled=True)
+                lab = multihost_utils.process_allgather(lab, tiled=True)
+                mask = multihost_utils.process_allgather(mask, tiled=True)
+        else:
+            out = feature_fn(params, images)
+        out = np.asarray(out)
+        feats.append(out[mask])
+        labels.append(np.asarray(lab)[mask])
+        if progress and (i + 1) % max(1, n_batches // 10) == 0:
+            progress(f"  features {i + 1}/{n_batches} batches ({(time.time() - t0):.0f}s)")
+    return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
+
+
+# --------------------------------------------------------------------------
+# Classifier.
+# --------------------------------------------------------------------------
+@partial(jax.jit, static_argnames=("kmax", "train_chunk"))
+def _topk_neighbours(test, bank, bank_valid, kmax: int, train_chunk: int):
+    """(similarities (b, kmax) descending, bank indices (b, kmax)) by a running merge."""
+    n_chunks = bank.shape[0] // train_chunk
+    bank = bank.reshape(n_chunks, train_chunk, -1)
+    valid = bank_valid.reshape(n_chunks, train_chunk)
+
+    def body(carry, xs):
+        best_s, best_i = carry
+        chunk, ok, c = xs
+        s = jnp.where(ok[None], test @ chunk.T, -jnp.inf)
+        s_k, i_k = jax.lax.top_k(s, min(kmax, train_chunk))
+        s_all = jnp.concatenate([best_s, s_k], axis=1)
+        i_all = jnp.concatenate([best_i, i_k + c * train_chunk], axis=1)
+        top_s, pos = jax.lax.top_k(s_all, kmax)
+        return (top_s, jnp.take_along_axis(i_all, pos, axis=1)), None
+
+    init = (jnp.full((test.shape[0], kmax), -jnp.inf, test.dtype),
+            jnp.zeros((test.shape[0], kmax), jnp.int32))
+    (s, i), _ = jax.lax.scan(body, init, (bank, valid, jnp.arange(n_chunks)))
+    return s, i
+
+
+@partial(jax.jit, static_argnames=("k", "num_classes"))
+def _vote(sims, neighbour_labels, k: int, num_classes: int, temperature: float):
+    """Class ranking (b, num_classes) from the first k neighbours' weighted votes."""
+    w = jnp.exp(sims[:, :k] / temperature)
+    one_hot = jax.nn.one_hot(neighbour_labels[:, :k], num_classes, dtype=w.dtype)
+    probs = jnp.einsum("bk,bkc->bc", w, one_hot)
+    return jnp.argsort(-probs, axis=1, stable=True)
+
+
+def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=(10, 20, 100, 200),
+                 temperature: float = 0.07, num_classes: int | None = None, test_chunk: int = 1024,
+                 train_chunk: int = 65536):
+    """{k: (top1 %, top5 %)} of the official weighted k-NN. Features should be L2-normalised."""
+    train_feats = np.asarray(train_feats, np.float32)
+    test_feats = np.asarray(test_feats, np.float32)
+    train_labels = np.asarray(train_labels, np.int32)
+    test_labels = np.asarray(test_labels, np.int32)
+    n_train = len(train_feats)
+    num_classes = int(num_classes or max(train_labels.max(), test_labels.max()) + 1)
+    ks = sorted({min(int(k), n_train) for k in ks})
+    kmax = ks[-1]
+    train_chunk = int(min(train_chunk, max(kmax, n_train)))
+    n_pad = math.ceil(n_train / train_chunk) * train_chunk
+    bank = np.zeros((n_pad, train_feats.shape[1]), np.float32)
+    bank[:n_train] = train_feats
+    valid = np.arange(n_pad) < n_train
+    bank, valid = jnp.asarray(bank), jnp.asarray(valid)
+    labels_dev = jnp.asarray(train_labels)
+    correct = {k: [0, 0] for k in ks}
+    for s in range(0, len(test_feats), test_chunk):
+        t = jnp.asarray(test_feats[s:s + test_chunk])
+        sims, idx = _topk_neighbours(t, bank, valid, kmax, train_chunk)
+        nl = labels_dev[idx]
+        target = test_labels[s:s + test_chunk, None]
+        for k in ks:
+            ranking = np.asarray(_vote(sims, nl, k, num_classes, float(temperature)))
+            correct[k][0] += int((ranking[:, :1] == target).sum())
+            correct[k][1] += int((ranking[:, :min(5, k)] == target).any(axis=1).sum())
+    n = len(test_feats)
+    return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
+
+
+def knn_evaluate(model, params, data_cfg, train_split="train", eval_split="test", k=20,
+                 temperature=0.07, batch_size=256, mesh=None, max_train_examples=None,
+                 max_eval_examples=None, ks=None, image_size=None, progress=None) -> dict:
+    """Features of both splits with ``model``/``params``, then k-NN. Returns
+    {'knn_top1', 'knn_top5'} for ``k`` and {'per_k': {k: (top1, top5)}} for ``ks``."""
+    from dino_jax.data import pipeline  # noqa: PLC0415
+
+    if mesh is not None:
+        n_dev = mesh.devices.size
+        batch_size = int(math.ceil(batch_size / n_dev) * n_dev)
+    fn = make_feature_fn(model, mesh)
+    per_host = batch_size // jax.process_count()
+    tr = pipeline.create_eval_iterator(data_cfg, train_split, per_host, image_size,
+                                       max_examples=max_train_examples)
+    te = pipeline.create_eval_iterator(data_cfg, eval_split, per_host, image_size,
+                                       max_examples=max_eval_examples)
+    train_f, train_l = extract_features(fn, params, tr, mesh, progress)
+    test_f, test_l = extract_features(fn, params, te, mesh, progress)
+    ks = sorted(set(ks or ()) | {int(k)})
+    res = knn_classify(train_f, train_l, test_f, test_l, ks, temperature,
+                       num_classes=max(tr.source.num_classes, int(train_l.max()) + 1))
+    k_eff = min(int(k), len(train_f))
+    return {"knn_top1": res[k_eff][0], "knn_top5": res[k_eff][1], "per_k": res,
+            "num_train": len(train_f), "num_test": len(test_f)}
+
+
+# --------------------------------------------------------------------------
+# CLI.
+# --------------------------------------------------------------------------
+def add_data_args(ap, default_split="test"):
+    ap.add_argument("--source", default="fashion_mnist", choices=("fashion_mnist", "image_folder", "tfds"),
+                    help="dataset kind: Debian's Fashion-MNIST IDX files, an ImageFolder root with one "
+                         "sub-folder per split, or a prepared TFDS dataset")
+    ap.add_argument("--path", default="/usr/share/datasets/fashion-mnist",
+                    help="IDX directory (fashion_mnist) or ImageFolder root (image_folder)")
+    ap.add_argument("--tfds_name", default="", help="TFDS dataset name, e.g. imagenet2012")
+    ap.add_argument("--tfds_data_dir", default=None, help="TFDS data_dir holding the prepared dataset")
+    ap.add_argument("--train_split", default="train", help="split of the feature bank / training set")
+    ap.add_argument("--eval_split", default=default_split, help="split evaluated")
+    ap.add_argument("--image_size", type=int, default=224,
+                    help="evaluation crop size (resize shorter side to size*resize_ratio, centre crop)")
+    ap.add_argument("--resize_ratio", type=float, default=256 / 224,
+                    help="shorter-side resize / crop size (official 256/224; 1.0 for 28 px Fashion-MNIST)")
+    ap.add_argument("--batch_size", type=int, default=256, help="global batch for feature extraction")
+
+
+def data_config_from_args(a):
+    import ml_collections  # noqa: PLC0415
+
+    return ml_collections.ConfigDict(dict(
+        source=a.source, path=a.path, tfds_name=a.tfds_name, tfds_data_dir=a.tfds_data_dir,
+        train_split=a.train_split, eval_split=a.eval_split, eval_image_size=a.image_size,
+        eval_resize_ratio=a.resize_ratio, num_parallel_calls=-1, prefetch=2))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dino_jax.eval.knn", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True,
+                    help="params dir (convert torch2jax / export) or training workdir (its teacher)")
+    add_data_args(ap)
+    ap.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200],
+                    help="numbers of neighbours (official: 10 20 100 200)")
+    ap.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim/T) (official 0.07)")
+    ap.add_argument("--max_train_examples", type=int, default=0, help="use only the first N bank images (0: all)")
+    ap.add_argument("--max_eval_examples", type=int, default=0, help="evaluate only the first N images (0: all)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    a = ap.parse_args(argv)
+    from dino_jax import checkpoint, sharding  # noqa: PLC0415
+    from dino_jax.data.pipeline import DataError  # noqa: PLC0415
+
+    try:
+        model, params = checkpoint.load_backbone(a.checkpoint, dtype=jnp.dtype(a.dtype))
+        mesh = sharding.make_mesh(1)
+        res = knn_evaluate(model, params, data_config_from_args(a), a.train_split, a.eval_split,
+                           k=a.nb_knn[0], temperature=a.temperature, batch_size=a.batch_size, mesh=mesh,
+                           max_train_examples=a.max_train_examples or None,
+                           max_eval_examples=a.max_eval_examples or None, ks=a.nb_knn,
+                           progress=lambda m: print(m, flush=True))
+    except (checkpoint.CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{res['num_train']} train / {res['num_test']} test images, T={a.temperature}")
+    for k, (t1, t5) in res["per_k"].items():
+        print(f"{k}-NN classifier result: Top1: {t1:.2f}, Top5: {t5:.2f}")
+    print(json.dumps({f"top1_k{k}": v[0] for k, v in res["per_k"].items()}
+                     | {f"top5_k{k}": v[1] for k, v in res["per_k"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
