@@ -220,3 +220,51 @@ def test_startup_errors_are_one_clear_line(tmp_path):
                                       process_index=0, process_count=1)
     with pytest.raises(DataError, match="unknown Fashion-MNIST split 'validation'"):
         pipeline.create_eval_iterator(data_cfg(), "validation", 4, process_index=0, process_count=1)
+
+
+def _tiny_tfds(data_dir):
+    """A 40-image TFDS dataset prepared offline (no download) in ``data_dir``."""
+    import tensorflow_datasets as tfds
+
+    class DinoJaxTinyTest(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(num_classes=4)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(40, 0), "test": self._generate_examples(10, 1)}
+
+        def _generate_examples(self, n, seed):
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                yield i, {"image": rng.integers(0, 256, (20, 24, 3)).astype(np.uint8), "label": i % 4}
+
+    b = DinoJaxTinyTest(data_dir=str(data_dir))
+    b.download_and_prepare()
+    return b.name
+
+
+def test_tfds_source_offline_train_resume_and_eval(tmp_path):
+    name = _tiny_tfds(tmp_path)
+    cfg = data_cfg(source="tfds", tfds_name=name, tfds_data_dir=str(tmp_path), shuffle_buffer=64)
+    it = pipeline.create_train_iterator(cfg, 8, 0, process_index=0, process_count=1)
+    assert it.num_examples == 40 and it.steps_per_epoch == 5
+    first = [next(it) for _ in range(3)]
+    assert first[0]["global_crops"].shape == (8, 2, 16, 16, 3)
+    state = it.get_state()
+    want = next(it)
+    resumed = pipeline.create_train_iterator(cfg, 8, 0, process_index=0, process_count=1, state=state)
+    np.testing.assert_array_equal(next(resumed)["global_crops"], want["global_crops"])
+    again = pipeline.create_train_iterator(cfg, 8, 0, process_index=0, process_count=1)
+    np.testing.assert_array_equal(next(again)["local_crops"], first[0]["local_crops"])
+    ev = pipeline.create_eval_iterator(cfg, "test", 4, process_index=0, process_count=1)
+    batches = list(ev)
+    assert len(batches) == 3 and int(sum(b["mask"].sum() for b in batches)) == 10
+    labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+    assert sorted(labels.tolist()) == sorted([i % 4 for i in range(10)])
+    assert pipeline.num_classes(cfg, "train") == 4
+    with pytest.raises(DataError, match="has no split 'validation'"):
+        pipeline.create_eval_iterator(cfg, "validation", 4, process_index=0, process_count=1)

@@ -108,6 +108,8 @@ class TrainIterator:
 
     def _build(self, data_cfg, start):
         src, cfg, seed = self.source, self.cfg, self.seed
+        if getattr(src, "sequential", False):
+            return self._build_sequential(data_cfg, start)
         ds = self._pos.dataset(start)
 
         def load_and_augment(p, idx):
@@ -123,13 +125,39 @@ class TrainIterator:
         ds = ds.prefetch(int(data_cfg.get("prefetch", 2)) or AUTOTUNE)
         return ds.with_options(_options())
 
+    def _build_sequential(self, data_cfg, start):
+        """TFDS (tfrecord) datasets: this host's even split, files and a buffer shuffled
+        with the run seed (deterministic), repeated; resume skips ``start`` encoded
+        examples before any decoding. Crops are seeded by the host-local counter."""
+        src, cfg, seed, pos = self.source, self.cfg, self.seed, self._pos
+        h = pos.h
+        ds = src.dataset(h, self.global_batch_size // self.batch_size, shuffle_seed=seed).repeat()
+        ds = ds.shuffle(int(data_cfg.get("shuffle_buffer", 16384)), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.enumerate().skip(start)
+        b, gb = pos.b, pos.gb
+
+        def load_and_augment(c, example):
+            image, _ = src.decode(example)
+            p = (c // b) * gb + h * b + c % b
+            crops = augment.multi_crop(image, tf.stack([tf.constant(seed, tf.int64), p]), cfg)
+            crops["position"] = p
+            return crops
+
+        ds = ds.map(load_and_augment, num_parallel_calls=int(data_cfg.get("num_parallel_calls", -1)),
+                    deterministic=True).ignore_errors()
+        ds = ds.batch(self.batch_size, drop_remainder=True)
+        return ds.prefetch(int(data_cfg.get("prefetch", 2)) or AUTOTUNE).with_options(_options())
+
     def __iter__(self):
         return self
 
     def __next__(self):
         batch = next(self._it)
         positions = batch.pop("position").numpy()
-        self._account(positions)
+        if getattr(self.source, "sequential", False):
+            self.counter += len(positions)  # the stream itself defines the order
+        else:
+            self._account(positions)
         return {k: v.numpy() for k, v in batch.items()}
 
     def _account(self, positions):
@@ -190,8 +218,23 @@ class EvalIterator:
             return {"image": transform(image), "label": label, "mask": True}
 
         total = self.num_batches * self.batch_size
-        ds = tf.data.Dataset.range(self.start, self.stop).map(
-            load, num_parallel_calls=int(data_cfg.get("num_parallel_calls", -1)), deterministic=True)
+        if getattr(src, "sequential", False):  # TFDS: this host's (uneven) split, in order
+            self.start, self.stop = 0, src.host_num_examples(h, hc, drop_remainder=False)
+            self.num_batches = math.ceil(math.ceil(src.num_examples / hc) / self.batch_size)
+            total = self.num_batches * self.batch_size
+            ds = src.dataset(h, hc, shuffle_seed=None, drop_remainder=False)
+            if max_examples:
+                ds = ds.take(per_host)
+                self.stop = min(self.stop, per_host)
+
+            def load_seq(example):
+                image, label = src.decode(example)
+                return {"image": transform(image), "label": label, "mask": True}
+
+            ds = ds.map(load_seq, num_parallel_calls=AUTOTUNE, deterministic=True)
+        else:
+            ds = tf.data.Dataset.range(self.start, self.stop).map(
+                load, num_parallel_calls=int(data_cfg.get("num_parallel_calls", -1)), deterministic=True)
         pad = tf.data.Dataset.from_tensors(
             {"image": tf.zeros([size, size, 3]), "label": tf.constant(-1, tf.int32),
              "mask": False}).repeat(total - (self.stop - self.start))
@@ -231,7 +274,17 @@ class SupervisedIterator:
             seed_p = tf.stack([tf.constant(int(seed), tf.int64), p])
             return {"image": augment.train_transform(image, seed_p, size), "label": label}
 
-        ds = pos.dataset(0).map(load, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+        if getattr(src, "sequential", False):
+            def load_seq(c, example):
+                image, label = src.decode(example)
+                seed_c = tf.stack([tf.constant(int(seed), tf.int64), c])
+                return {"image": augment.train_transform(image, seed_c, size), "label": label}
+
+            ds = src.dataset(h, hc, shuffle_seed=int(seed)).repeat().shuffle(
+                int(data_cfg.get("shuffle_buffer", 16384)), seed=int(seed)).enumerate()
+            ds = ds.map(load_seq, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+        else:
+            ds = pos.dataset(0).map(load, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
         self._it = iter(ds.batch(self.batch_size, drop_remainder=True).prefetch(2).with_options(_options()))
 
     def __iter__(self):

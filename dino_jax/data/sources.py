@@ -176,15 +176,31 @@ class TfdsSource(Source):
         label = info.features["label"] if "label" in info.features else None
         self.num_classes = int(label.num_classes) if label is not None else 0
         self.name = f"TFDS {name}:{split}"
-        self.sequential = True
+        self.sequential = True  # tfrecord-backed: read in (shuffled) order, no random access
 
-    def dataset(self, process_index: int, process_count: int, shuffle_seed: int | None):
-        """Encoded examples of this host's share: {'image': bytes, 'label'}."""
-        split = self.tfds.even_splits(self.split, n=process_count, drop_remainder=True)[process_index]
+    def host_split(self, process_index: int, process_count: int, drop_remainder: bool):
+        return self.tfds.even_splits(self.split, n=process_count, drop_remainder=drop_remainder)[process_index]
+
+    def host_num_examples(self, process_index, process_count, drop_remainder) -> int:
+        info = self.builder.info.splits[self.host_split(process_index, process_count, drop_remainder)]
+        return int(info.num_examples)
+
+    def dataset(self, process_index: int, process_count: int, shuffle_seed: int | None,
+                drop_remainder: bool = True):
+        """This host's share as tf.data of (uint8 image dataset-decoded later, label):
+        {'image': encoded bytes, 'label'}; files shuffled with ``shuffle_seed`` (None: in order)."""
         read_config = self.tfds.ReadConfig(shuffle_seed=shuffle_seed, skip_prefetch=True)
         return self.builder.as_dataset(
-            split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
+            split=self.host_split(process_index, process_count, drop_remainder),
+            shuffle_files=shuffle_seed is not None, read_config=read_config,
             decoders={"image": self.tfds.decode.SkipDecoding()})
+
+    @staticmethod
+    def decode(example):
+        img = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+        img.set_shape([None, None, 3])
+        label = example.get("label", tf.constant(-1, tf.int64))
+        return img, tf.cast(label, tf.int32)
 
 
 def make_source(data_cfg, split: str) -> Source:
