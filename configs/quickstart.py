@@ -34,6 +34,7 @@ def get_config():
     c.data.num_local_crops = 4
     c.data.global_crops_scale = (0.4, 1.0)
     c.data.local_crops_scale = (0.05, 0.4)
+    c.data.blur_sigma = (0.1, 0.3)    # the official 0.1-2 px is for 224 px crops; 2 px blurs a 28 px image away
     c.data.shuffle_buffer = 8192
     c.data.eval_image_size = 28
     c.data.eval_resize_ratio = 1.0    # 28x28 already: no 256/224 resize-and-crop

@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.global_crops_scale = (0.4, 1.0)   # official default; 0.14-1 without multi-crop
     c.data.local_crops_scale = (0.05, 0.4)
     c.data.num_local_crops = 8
+    c.data.blur_sigma = (0.1, 2.0)    # Gaussian-blur sigma range in pixels (official, for 224/96 px crops)
     c.data.shuffle_buffer = 16384
     c.data.num_parallel_calls = -1    # AUTOTUNE
     c.data.prefetch = 2

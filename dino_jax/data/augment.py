@@ -53,7 +53,8 @@ class MultiCropConfig:
     def from_data_config(cls, d) -> "MultiCropConfig":
         return cls(global_size=int(d.global_crop_size), local_size=int(d.local_crop_size),
                    global_scale=tuple(d.global_crops_scale), local_scale=tuple(d.local_crops_scale),
-                   num_local=int(d.num_local_crops))
+                   num_local=int(d.num_local_crops),
+                   blur_sigma=tuple(d.get("blur_sigma", (0.1, 2.0))))
 
 
 def _u(seed, k, shape=(), lo=0.0, hi=1.0):
