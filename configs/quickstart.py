@@ -2,10 +2,14 @@
 
 Not an official recipe: every change from the code defaults serves the budget.
 28x28 grayscale images -> 3 channels; global crops 28 px and local crops 12 px
-with patch 4 (49 + 9 tokens), a 4-block width-96 ViT, a smaller head
-(K = 4096, hidden 512, bottleneck 128), 4 local crops, batch 128. lr, warm-up
-and teacher temperature follow the official defaults scaled to a short run.
-Ends with k-NN of the trained teacher vs. the same model at random init.
+with patch 4 (49 + 9 tokens), a 3-block width-64 ViT, a smaller head
+(K = 1024, hidden 512, bottleneck 128), 4 local crops, batch 128, 2 epochs;
+lr 0.002 per 256 (peak 0.001), a faster teacher (0.99) for the short run, and
+a blur range scaled to 28 px. Ends with k-NN (k=20, 10k bank / 2k test) of the
+trained teacher vs. the same model at random init.
+Measured (2 shared CPU cores): 57.6% vs 50.6% top-1 after ~14 min. Four
+recipes were tried (see the closing note of this round); none reached +10
+points in 2 epochs yet.
 """
 from dino_jax.config_defaults import base_config
 
@@ -14,12 +18,12 @@ def get_config():
     c = base_config()
     c.model.arch = "custom"
     c.model.patch_size = 4
-    c.model.embed_dim = 96
-    c.model.depth = 4
+    c.model.embed_dim = 64
+    c.model.depth = 3
     c.model.num_heads = 4
     c.model.img_size = 28
     c.model.drop_path_rate = 0.1
-    c.model.out_dim = 4096
+    c.model.out_dim = 1024
     c.model.head_hidden_dim = 512
     c.model.head_bottleneck_dim = 128
     c.model.norm_last_layer = True
@@ -43,7 +47,7 @@ def get_config():
     c.epochs = 2
     c.total_steps = 0
     c.warmup_epochs = 0.2
-    c.lr = 0.0005
+    c.lr = 0.002                      # peak 0.001 at batch 128: a 2-epoch run needs a larger step
     c.min_lr = 1e-5
     c.momentum_teacher = 0.99         # short run: a faster teacher (official advice: lower for few steps)
     c.teacher_temp = 0.04
