@@ -268,3 +268,23 @@ def test_tfds_source_offline_train_resume_and_eval(tmp_path):
     assert pipeline.num_classes(cfg, "train") == 4
     with pytest.raises(DataError, match="has no split 'validation'"):
         pipeline.create_eval_iterator(cfg, "validation", 4, process_index=0, process_count=1)
+
+
+@needs_fmnist
+def test_split_slices_select_examples(tmp_path):
+    from dino_jax.data.sources import make_source, read_fashion_mnist
+
+    x, y = read_fashion_mnist(FMNIST, "test")
+    src = make_source(data_cfg(), "test[100:350]")
+    assert src.num_examples == 250
+    it = pipeline.create_eval_iterator(data_cfg(), "test[100:350]", 100)
+    labels = np.concatenate([b["label"][b["mask"]] for b in it])
+    np.testing.assert_array_equal(labels, y[100:350])
+    assert make_source(data_cfg(), "train[-10:]").num_examples == 10
+    _write_folder(tmp_path / "train")
+    folder = make_source(data_cfg(source="image_folder", path=str(tmp_path)), "train[:5]")
+    assert folder.num_examples == 5 and folder.files == make_source(
+        data_cfg(source="image_folder", path=str(tmp_path)), "train").files[:5]
+    for bad in ("test[7:7]", "test[:10%]", "test[:"):
+        with pytest.raises(DataError):
+            make_source(data_cfg(), bad)

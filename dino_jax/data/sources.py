@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import struct
 
 import numpy as np
@@ -105,7 +106,7 @@ class ArraySource(Source):
 class FolderSource(Source):
     """ImageFolder: ``root/<class>/<image>``; classes sorted by name as torchvision does."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, subset=None):
         if not os.path.isdir(root):
             raise DataError(f"image folder {root} does not exist")
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -119,6 +120,9 @@ class FolderSource(Source):
         if not files:
             raise DataError(f"image folder {root} has no images in class sub-folders "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        if subset is not None:  # (slice, split name): files in class order, as TFDS slices records
+            idx = _sliced(len(files), *subset)
+            files, labels = [files[i] for i in idx], [labels[i] for i in idx]
         self.root, self.classes, self.files = root, classes, files
         self.paths = tf.constant(files)
         self.labels = tf.constant(np.asarray(labels, np.int32))
@@ -203,15 +207,43 @@ class TfdsSource(Source):
         return img, tf.cast(label, tf.int32)
 
 
+_SLICE = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def parse_split(split: str):
+    """'train' -> ('train', None); 'train[:2000]' / 'train[1000:-1000]' -> ('train', slice).
+    The TFDS slicing syntax (counts only), also for Fashion-MNIST and ImageFolder."""
+    m = _SLICE.match(str(split))
+    if not m:
+        if "[" in str(split) or "]" in str(split):
+            raise DataError(f"cannot parse split {split!r}; slices look like 'train[:2000]' or 'train[100:600]'")
+        return str(split), None
+    start, stop = (int(v) if v else None for v in (m["start"], m["stop"]))
+    return m["base"], slice(start, stop)
+
+
+def _sliced(n: int, sl, split: str) -> np.ndarray:
+    idx = np.arange(n)[sl]
+    if len(idx) == 0:
+        raise DataError(f"split {split!r} selects no examples (the split has {n})")
+    return idx
+
+
 def make_source(data_cfg, split: str) -> Source:
     kind = str(data_cfg.source)
+    if kind in ("fashion_mnist", "image_folder"):
+        base, sl = parse_split(split)
     if kind == "fashion_mnist":
-        images, labels = read_fashion_mnist(str(data_cfg.path or FASHION_MNIST_DIR), split)
+        images, labels = read_fashion_mnist(str(data_cfg.path or FASHION_MNIST_DIR), base)
+        if sl is not None:
+            idx = _sliced(len(labels), sl, split)
+            images, labels = images[idx], labels[idx]
         return ArraySource(images, labels, f"Fashion-MNIST {split}")
     if kind == "image_folder":
         if not data_cfg.path:
             raise DataError("data.path must name the ImageFolder root for data.source='image_folder'")
-        return FolderSource(_resolve_folder_split(str(data_cfg.path), split))
+        return FolderSource(_resolve_folder_split(str(data_cfg.path), base),
+                            None if sl is None else (sl, split))
     if kind == "tfds":
         if not data_cfg.tfds_name:
             raise DataError("data.tfds_name must be set for data.source='tfds'")

@@ -182,8 +182,8 @@ def add_data_args(ap, default_split="test"):
                     help="IDX directory (fashion_mnist) or ImageFolder root (image_folder)")
     ap.add_argument("--tfds_name", default="", help="TFDS dataset name, e.g. imagenet2012")
     ap.add_argument("--tfds_data_dir", default=None, help="TFDS data_dir holding the prepared dataset")
-    ap.add_argument("--train_split", default="train", help="split of the feature bank / training set")
-    ap.add_argument("--eval_split", default=default_split, help="split evaluated")
+    ap.add_argument("--train_split", default="train", help="split of the feature bank / training set; a slice such as train[:10000] takes part of it")
+    ap.add_argument("--eval_split", default=default_split, help="split evaluated (slices such as test[:2000] work too)")
     ap.add_argument("--image_size", type=int, default=224,
                     help="evaluation crop size (resize shorter side to size*resize_ratio, centre crop)")
     ap.add_argument("--resize_ratio", type=float, default=256 / 224,
