@@ -87,6 +87,8 @@ def load_backbone(path: str, dtype=None):
         raise CheckpointError(f"no such checkpoint: {path}")
     if is_params_dir(path):
         params, model_cfg, _ = load_params_dir(path)
+        if "backbone" not in params:
+            raise CheckpointError(f"{path} holds no 'backbone' params (found: {', '.join(sorted(params))})")
         backbone = params["backbone"]
     else:
         backbone, model_cfg = load_teacher_backbone_from_workdir(path)
