@@ -297,3 +297,22 @@ def test_extract_errors(tiny_ckpt, fmnist_png_dir, tmp_path, capsys):
     assert extract.main(["--checkpoint", path, "--input", str(tmp_path / "noimages.npz"),
                          "--output", str(tmp_path / "o.npz")]) == 1
     assert "'images'" in _one_error_line(capsys)
+
+
+def test_knn_and_linear_name_an_unreadable_evaluation_image(tiny_ckpt, tmp_path, capsys):
+    from dino_jax.eval import knn
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((28, 28, 3), 40 * i, np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "data" / "val" / "b" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    args = ["--checkpoint", tiny_ckpt[0], "--source", "image_folder", "--path", str(tmp_path / "data"),
+            "--train_split", "train", "--eval_split", "val", "--image_size", "28", "--resize_ratio", "1.0",
+            "--batch_size", "2"]
+    assert knn.main(args) == 1
+    assert "1.png" in _one_error_line(capsys)
+    assert linear.main(args + ["--epochs", "1", "--n_last_blocks", "1", "--output_dir", str(tmp_path / "o")]) == 1
+    assert "1.png" in _one_error_line(capsys)

@@ -244,8 +244,31 @@ class EvalIterator:
         return self.num_batches
 
     def __iter__(self):
-        for b in self._ds:
+        done = 0
+        it = iter(self._ds)
+        while True:
+            try:
+                b = next(it)
+            except StopIteration:
+                return
+            except tf.errors.OpError as e:  # an unreadable image: name it in one line
+                raise DataError(self._unreadable(done, e)) from None
+            done += 1
             yield {k: v.numpy() for k, v in b.items()}
+
+    def _unreadable(self, batch: int, err) -> str:
+        """The message for a decode failure in batch ``batch``: finds the file by decoding
+        that batch's examples one by one (only on this error path)."""
+        msg = (err.message or str(err)).strip().splitlines()[0]
+        lo = self.start + batch * self.batch_size
+        for i in list(range(lo, min(lo + self.batch_size, self.stop))) + list(range(self.start, self.stop)):
+            if getattr(self.source, "sequential", False):
+                break
+            try:
+                self.source.load(tf.constant(i, tf.int64))
+            except tf.errors.OpError:
+                return f"cannot read {self.source.describe(i)} in {self.source.name}: {msg}"
+        return f"cannot read an image of {self.source.name}: {msg}"
 
 
 def create_eval_iterator(data_cfg, split: str, batch_size: int, image_size: int | None = None,
