@@ -54,21 +54,75 @@ def max_rel_err(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
-def state_rel_err(path, a, b, embed_dim):
+ADAM_EPS = 1e-8
+# Entries whose Adam denominator sqrt(v_hat) is under this many eps: see adam_ill_conditioned.
+ADAM_ILL_FACTOR = 10.0
+
+
+def adam_ill_conditioned(nu, count, b2: float = 0.999, eps: float = ADAM_EPS,
+                         factor: float = ADAM_ILL_FACTOR):
+    """Bool mask of the entries where Adam turns float rounding into visible steps.
+
+    The update is lr * m_hat / (sqrt(v_hat) + eps); for a gradient g its
+    derivative in g is lr * eps / (|g| + eps)^2, i.e. lr / eps (= 1e5 lr) at
+    |g| << eps. A gradient entry of ~1e-8 (a dead GELU unit, a nearly
+    cancelling sum) is as exact as float32 makes it (~1e-9 absolute error, 1e-6
+    of the tensor's largest gradient), yet the parameter step it produces differs
+    between any two summation orders by a sizeable fraction of lr. Entries with
+    sqrt(v_hat) < factor * eps (and a non-zero v: they were updated) are those;
+    tests bound them by Adam's step size instead of a relative tolerance.
+    (Measured on the train_steps fixture: ~3% of the entries at step 0.)"""
+    nu = np.asarray(nu, np.float64)
+    count = np.asarray(count, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v_hat = np.where(count > 0, nu / (1.0 - b2 ** np.maximum(count, 1.0)), 0.0)
+    return (nu > 0) & (np.sqrt(v_hat) < factor * eps)
+
+
+def nu_by_param_path(tree) -> dict:
+    """{param path after 'nu' (keystr): (nu, count)} from a state tree holding a
+    TorchAdamWState (as a TrainState or as a restored checkpoint dict)."""
+    import jax  # noqa: PLC0415
+
+    def name(k):
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+    found = {"nu": {}, "count": {}}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        names = [name(k) for k in path]
+        for field in ("nu", "count"):
+            if field in names:
+                i = names.index(field)
+                found[field]["/".join(names[i + 1:])] = np.asarray(leaf)
+    return {k: (v, found["count"].get(k, np.ones(()))) for k, v in found["nu"].items()}
+
+
+def state_rel_err(path, a, b, embed_dim, adam=None, lr_sum=None):
     """max |a - b| / max |b|, without the key part of attn/qkv/bias (in the
     parameters and both Adam moments): its gradient is exactly 0 mathematically
     (a shift of every key adds a constant to each softmax row), so what lands
     there is rounding residue that Adam's g / (|g| + eps) amplifies; it depends
     on the summation order and is not a property of the step (see
-    test_train_step.py for the same exemption against the official numbers)."""
+    test_train_step.py for the same exemption against the official numbers).
+
+    With ``adam`` (:func:`nu_by_param_path` of the reference state) and
+    ``lr_sum``, student/teacher entries that :func:`adam_ill_conditioned` flags
+    are held to within 2 * lr_sum of each other instead."""
     import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     keys = jax.tree_util.keystr(path)
+    keep = np.ones(a.shape, bool)
     if keys.endswith("['attn']['qkv']['bias']") and a.ndim == 1:
-        keep = np.ones(a.shape, bool)
         keep[embed_dim:2 * embed_dim] = False
-        a, b = a[keep], b[keep]
+    if adam is not None:  # parameters (student or teacher) with Adam-ill-conditioned entries
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        if names and names[0] in ("student", "teacher") and "/".join(names[1:]) in adam:
+            nu, count = adam["/".join(names[1:])]
+            ill = adam_ill_conditioned(nu, count)
+            # Bounded, not free: those entries still agree within Adam's total step size.
+            assert np.max(np.abs(a[ill] - b[ill]), initial=0.0) <= 2 * lr_sum, (keys, "ill-conditioned entries")
+            keep &= ~ill
+    a, b = a[keep], b[keep]
     if a.size == 0:
         return 0.0
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))

@@ -12,6 +12,12 @@ g / (|g| + eps) turns that residue into steps of a sizeable fraction of lr, so
 the official values in that slice are not reproducible by any float32
 implementation. There we check the only thing that holds: the slice moves at
 most by Adam's bound sum(lr) (measured: ~2e-5 apart for sum(lr) = 4.5e-3).
+The same bound, for the same reason, holds the few entries whose gradient is
+not zero but of Adam's eps size (sqrt(v_hat) < 10 eps, ~3% of the entries:
+``official_fixtures.adam_ill_conditioned``): there g / (|g| + eps) changes by
+percents with the last bits of g, which differ between CPUs (an AMD EPYC gave
+1.7e-4 on one fc2 entry with |g| = 5e-8 where an Intel machine passed).
+Every other entry is compared at 1e-4.
 """
 import jax
 import jax.numpy as jnp
@@ -22,7 +28,7 @@ import pytest
 from dino_jax import convert, losses, optim, schedules, train
 from dino_jax.models import vit
 from dino_jax.models.head import DINOHead
-from official_fixtures import cases, group, load, max_rel_err
+from official_fixtures import adam_ill_conditioned, cases, group, load, max_rel_err
 
 TOL = 1e-4
 
@@ -77,6 +83,7 @@ def test_train_steps_parity(name):
     step = train.make_train_step(config, models=(backbone, head), optimizer=opt, schedule=sched)
     ncrops = 2 + meta["n_local_crops"]
     initial = group(arrays, "state_dict/student/")
+    ill = {}
     for i in range(meta["steps"]):
         crops = [arrays[f"inputs/step{i}/crop{j}"] for j in range(ncrops)]
         state, metrics = step(state, train.batch_from_crops(crops, nchw=True))
@@ -87,8 +94,13 @@ def test_train_steps_parity(name):
             expected = group(arrays, f"outputs/step{i}/{who}/")
             ours = _to_torch_names(params)
             assert sorted(ours) == sorted(expected)
+            # Ill-conditioned at this step or before: an entry keeps the deviation it picked up.
+            ill_now = _to_torch_names(jax.tree.map(
+                lambda nu, c: adam_ill_conditioned(nu, c).astype(np.float32),
+                state.opt_state[1].nu, state.opt_state[1].count))
+            ill = {k: np.maximum(v, ill.get(k, 0)) for k, v in ill_now.items()}
             for k, v in expected.items():
-                noise = _zero_grad_slice(k, v.shape, meta["embed_dim"])
+                noise = _zero_grad_slice(k, v.shape, meta["embed_dim"]) | (ill[k] > 0)
                 o, v0 = ours[k], initial[k]
                 if noise.any():
                     bound = sum(meta["lr"][:i + 1])
