@@ -20,14 +20,16 @@ import os
 import sys
 import time
 
-if "xla_cpu_use_thunk_runtime" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_thunk_runtime=false").strip()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dino_jax import runtime  # noqa: E402
+
+if __name__ == "__main__":
+    runtime.reexec_with_tcmalloc()
+runtime.set_xla_cpu_defaults()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dino_jax import schedules, sharding, train  # noqa: E402
 
 # Dense peak TFLOP/s per device by (device kind substring, dtype): vendor datasheets.
