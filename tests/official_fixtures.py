@@ -79,17 +79,19 @@ def adam_ill_conditioned(nu, count, b2: float = 0.999, eps: float = ADAM_EPS,
     return (nu > 0) & (np.sqrt(v_hat) < factor * eps)
 
 
+def _path_names(path) -> list:
+    """The plain names of a pytree key path (dict keys, attribute names, indices)."""
+    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
 def nu_by_param_path(tree) -> dict:
     """{param path after 'nu' (keystr): (nu, count)} from a state tree holding a
     TorchAdamWState (as a TrainState or as a restored checkpoint dict)."""
     import jax  # noqa: PLC0415
 
-    def name(k):
-        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-
     found = {"nu": {}, "count": {}}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        names = [name(k) for k in path]
+        names = _path_names(path)
         for field in ("nu", "count"):
             if field in names:
                 i = names.index(field)
@@ -115,7 +117,7 @@ def state_rel_err(path, a, b, embed_dim, adam=None, lr_sum=None):
     if keys.endswith("['attn']['qkv']['bias']") and a.ndim == 1:
         keep[embed_dim:2 * embed_dim] = False
     if adam is not None:  # parameters (student or teacher) with Adam-ill-conditioned entries
-        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        names = _path_names(path)
         if names and names[0] in ("student", "teacher") and "/".join(names[1:]) in adam:
             nu, count = adam["/".join(names[1:])]
             ill = adam_ill_conditioned(nu, count)

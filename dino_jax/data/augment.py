@@ -225,8 +225,13 @@ def crop_resize(image, box, size: int, gain: float = 1.0):
 
 
 # --------------------------------------------------------------------------
-# Colour, blur, solarize, normalise: one XLA function over (N, 3, H, W) crops.
+# Colour, blur, solarize, normalise: two XLA functions over (N, 3, H, W) crops.
 # --------------------------------------------------------------------------
+def _per_crop(t):
+    """(N,) per-crop values broadcast against (N, C, H, W)."""
+    return t[:, None, None, None]
+
+
 def _gray_planar(x):
     return _GRAY[0] * x[:, 0:1] + _GRAY[1] * x[:, 1:2] + _GRAY[2] * x[:, 2:3]
 
@@ -260,7 +265,7 @@ def _linear_round(x, op, factors):
     d = tf.where(op == 2, 1.0 - fs, zero)
     gray = _gray_planar(x)
     mean = tf.reduce_mean(gray, axis=[1, 2, 3])
-    e = lambda t: t[:, None, None, None]  # noqa: E731
+    e = _per_crop
     y = tf.clip_by_value(e(a) * x + e(b * mean) + e(d) * gray, 0.0, 1.0)
     return tf.where(e(op >= 0) & e(op <= 2), y, x)
 
@@ -289,7 +294,7 @@ def gaussian_blur_planar(x, sigma, radius: int):
 def _jitter_stage_impl(x, flip, jitter, factors, order, gray, use_jitter: bool):
     """Resized (N, W, H, 3) crops -> (N, 3, H, W): clip, flip, colour jitter, grayscale
     (official order)."""
-    e = lambda t: t[:, None, None, None]  # noqa: E731
+    e = _per_crop
     x = tf.clip_by_value(tf.transpose(x, [0, 3, 2, 1]), 0.0, 1.0)
     x = tf.where(e(flip), tf.reverse(x, [3]), x)
     if use_jitter:
@@ -310,14 +315,12 @@ def _jitter_stage_impl(x, flip, jitter, factors, order, gray, use_jitter: bool):
 
 def _finish_stage_impl(x, blur, sigma, solarize, radius: int, normalize: bool, use_blur: bool):
     """(N, 3, H, W) -> (N, H, W, 3): blur, solarize, normalise (official order)."""
-    e = lambda t: t[:, None, None, None]  # noqa: E731
+    e = _per_crop
     if use_blur:
         x = tf.where(e(blur), gaussian_blur_planar(x, sigma, radius), x)
     x = tf.where(e(solarize) & (x >= 128.0 / 255.0), 1.0 - x, x)
     x = tf.transpose(x, [0, 2, 3, 1])
-    if normalize:
-        x = (x - tf.constant(IMAGENET_MEAN)) * tf.constant([1.0 / s for s in IMAGENET_STD])
-    return x
+    return normalize_imagenet(x) if normalize else x
 
 
 # Two XLA functions, not one: inside a single one XLA fuses the jitter into each of
@@ -362,7 +365,7 @@ def multi_crop(image_uint8, seed, cfg: MultiCropConfig, xla: bool = True):
     return out
 
 
-def normalize(x):
+def normalize_imagenet(x):
     """ImageNet mean/std normalisation of (..., 3) float [0, 1] pixels."""
     return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
 
@@ -392,7 +395,7 @@ def eval_transform(image_uint8, image_size: int, resize_ratio: float = 256 / 224
     y = resample_axis(image_uint8, h, nh, top, sq, gain=1.0 / 255.0)                 # (sq, W, 3)
     y = resample_axis(tf.transpose(y, [1, 0, 2]), w, nw, left, sq)                   # (sq_w, sq_h, 3)
     y = tf.clip_by_value(tf.transpose(y, [1, 0, 2]), 0.0, 1.0)
-    return normalize(tf.ensure_shape(y, [sq, sq, 3]))
+    return normalize_imagenet(tf.ensure_shape(y, [sq, sq, 3]))
 
 
 def train_transform(image_uint8, seed, image_size: int, scale=(0.08, 1.0)):
@@ -402,4 +405,4 @@ def train_transform(image_uint8, seed, image_size: int, scale=(0.08, 1.0)):
     x = tf.transpose(crop_resize(image_uint8, box, image_size, gain=1.0 / 255.0), [1, 0, 2])
     x = tf.clip_by_value(x, 0.0, 1.0)
     x = tf.cond(_u(seed, 1) < 0.5, lambda: tf.reverse(x, [1]), lambda: x)
-    return normalize(tf.ensure_shape(x, [image_size, image_size, 3]))
+    return normalize_imagenet(tf.ensure_shape(x, [image_size, image_size, 3]))
