@@ -201,3 +201,42 @@ def test_eval_transform_equals_torchvision_resize_and_center_crop(h, w):
     got = augment.eval_transform(tf.constant(img), size).numpy()
     got = got * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
     np.testing.assert_allclose(got, want, rtol=0, atol=3e-5)
+
+
+def test_pil_ops_path_makes_the_official_pil_crops_on_the_same_decisions():
+    """data.pil_ops: the crops PIL makes from our decisions. With every photometric op
+    off, each crop is exactly PIL's crop + 8-bit BICUBIC resize (flipped where drawn):
+    the boxes are read as (top, left, h, w). With the ops on, it stays close to the
+    float tf path (mean |diff| under 3 grey levels per crop: the same ops, rounded to
+    uint8 after each one) without being equal to it."""
+    from PIL import Image
+
+    img = photo(40, 36, seed=7)
+    cfg = augment.MultiCropConfig(global_size=28, local_size=12)
+    n = 32
+    params = augment.sample_crop_params(tf.constant([4, 1], tf.int64), n, 40, 36, (0.1, 1.0), cfg,
+                                        blur_p=(0.5,) * n, solarize_p=(0.3,) * n)
+    plain = dict(params, **{k: tf.zeros_like(params[k]) for k in ("jitter", "gray", "blur", "solarize")})
+    got = augment.render_crops_pil(tf.constant(img), plain, 12, cfg).numpy()
+    for i, (top, left, h, w) in enumerate(params["box"].numpy().tolist()):
+        x = Image.fromarray(img).crop((left, top, left + w, top + h)).resize((12, 12), Image.BICUBIC)
+        if params["flip"].numpy()[i]:
+            x = x.transpose(Image.FLIP_LEFT_RIGHT)
+        want = (np.asarray(x, np.float32) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+        np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-5, err_msg=str(i))
+    pil = augment.render_crops_pil(tf.constant(img), params, 12, cfg).numpy()
+    ours = augment.render_crops(tf.constant(img), params, 12, cfg).numpy()
+    levels = np.abs(pil - ours).mean(axis=(1, 2, 3)) * 0.226 * 255
+    assert levels.max() < 3.0, levels
+    assert levels.mean() > 0.05, levels
+
+
+def test_pil_ops_and_device_augment_exclude_each_other(tmp_path):
+    from dino_jax.config_defaults import base_config
+    from dino_jax.data import pipeline
+
+    c = base_config().data
+    c.source, c.path, c.train_split = "fashion_mnist", str(tmp_path), "train"
+    c.pil_ops, c.device_augment = True, True
+    with pytest.raises(pipeline.DataError, match="pil_ops.*device_augment.*exclude"):
+        pipeline.TrainIterator(c, 8, seed=0, process_index=0, process_count=1)

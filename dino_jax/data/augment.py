@@ -67,13 +67,14 @@ class MultiCropConfig:
     blur_sigma: tuple = (0.1, 2.0)
     solarize_p: float = 0.2          # global 2 only
     normalize: bool = True
+    pil_ops: bool = False            # photometric ops by PIL on uint8 (render_crops_pil)
 
     @classmethod
     def from_data_config(cls, d) -> "MultiCropConfig":
         return cls(global_size=int(d.global_crop_size), local_size=int(d.local_crop_size),
                    global_scale=tuple(d.global_crops_scale), local_scale=tuple(d.local_crops_scale),
                    num_local=int(d.num_local_crops),
-                   blur_sigma=tuple(d.blur_sigma))
+                   blur_sigma=tuple(d.blur_sigma), pil_ops=bool(d.pil_ops))
 
 
 def _u(seed, k, shape=(), lo=0.0, hi=1.0):
@@ -419,6 +420,8 @@ def multi_crop(image_uint8, seed, cfg: MultiCropConfig, xla: bool = True, until:
             crops = tf.transpose(tf.round(tf.clip_by_value(crops, 0.0, 255.0)), [0, 2, 1, 3])
             out[name + "_crops"] = tf.cast(crops, tf.uint8)  # (a uint8 transpose logs a oneDNN error)
             out[name + "_aug"] = {k: v for k, v in params.items() if k != "box"}
+        elif cfg.pil_ops and until == "all":
+            out[name + "_crops"] = render_crops_pil(image, params, size, cfg)
         else:
             out[name + "_crops"] = render_crops(image, params, size, cfg, xla, until)
     if not cfg.num_local:
@@ -428,6 +431,54 @@ def multi_crop(image_uint8, seed, cfg: MultiCropConfig, xla: bool = True, until:
             out["local_aug"] = {k: tf.zeros([0] + v.shape[1:], v.dtype)
                                 for k, v in out["global_aug"].items()}
     return out
+
+
+def _pil_crops(image, box, flip, jitter, factors, order, gray, blur, sigma, solarize, size, normalize):
+    """numpy/PIL side of :func:`render_crops_pil` (runs in tf.numpy_function)."""
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image, ImageEnhance, ImageFilter, ImageOps  # noqa: PLC0415
+
+    img = Image.fromarray(np.asarray(image, np.uint8), "RGB")
+    size = int(size)
+    out = np.empty((len(box), size, size, 3), np.float32)
+    enhance = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for i, (top, left, h, w) in enumerate(np.asarray(box).tolist()):
+        x = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+        if flip[i]:
+            x = x.transpose(Image.FLIP_LEFT_RIGHT)
+        if jitter[i]:
+            for op in order[i]:
+                f = float(factors[i][op])
+                if op < 3:       # torchvision's F_pil: ImageEnhance blends, uint8 after each
+                    x = enhance[op](x).enhance(f)
+                else:            # F_pil.adjust_hue: uint8 HSV, h += uint8(f * 255) (wrapping)
+                    hch, sch, vch = x.convert("HSV").split()
+                    shifted = (np.asarray(hch, np.int32) + int(f * 255)) % 256
+                    x = Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), sch, vch)).convert("RGB")
+        if gray[i]:
+            x = x.convert("L").convert("RGB")
+        if blur[i]:
+            x = x.filter(ImageFilter.GaussianBlur(radius=float(sigma[i])))
+        if solarize[i]:
+            x = ImageOps.solarize(x, 128)
+        out[i] = np.asarray(x, np.float32) / 255.0
+    if normalize:
+        out = (out - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return out
+
+
+def render_crops_pil(image, params, size: int, cfg: MultiCropConfig):
+    """(N, size, size, 3) float32 crops made by PIL exactly as the official torchvision
+    transforms make them (``data.pil_ops``): crop + BICUBIC resize, flip, ColorJitter's
+    ImageEnhance ops and uint8 HSV hue shift in each crop's order, convert('L'),
+    GaussianBlur(radius=sigma), solarize(128), /255 and normalise, every op on uint8,
+    with the decisions of ``params`` (from :func:`sample_crop_params`)."""
+    n = params["box"].shape[0]
+    args = [image] + [params[k] for k in ("box", "flip", "jitter", "factors", "order", "gray", "blur",
+                                           "sigma", "solarize")]
+    fn = lambda *a: _pil_crops(*a, size=size, normalize=cfg.normalize)  # noqa: E731
+    crops = tf.numpy_function(fn, args, tf.float32, stateful=False)
+    return tf.ensure_shape(crops, [n, size, size, 3])
 
 
 def normalize_imagenet(x):

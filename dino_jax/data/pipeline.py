@@ -96,6 +96,9 @@ class TrainIterator:
     def __init__(self, data_cfg, global_batch_size: int, seed: int, start_step: int = 0,
                  process_index=None, process_count=None, start_position: int | None = None):
         h, hc = _process(process_index, process_count)
+        if data_cfg.device_augment and data_cfg.pil_ops:
+            raise DataError("data.pil_ops (photometric ops by PIL on the host) and data.device_augment "
+                            "(photometric ops on the accelerator) exclude each other: turn one off")
         if global_batch_size % hc:
             raise DataError(f"global batch {global_batch_size} is not divisible by the {hc} hosts")
         self.source = make_source(data_cfg, str(data_cfg.train_split))
