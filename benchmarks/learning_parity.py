@@ -7,7 +7,8 @@ Runs the "nano" recipe (``configs/fmnist_nano.py``) with ``dino_jax.main`` and t
 official modules through ``../shared/tools/official_fmnist.py --subset 12800 --batch
 128 --epochs 6 --lr 1e-3`` for every seed, then prints per seed and as mean ± std the
 k-NN top-1 of the random-init and of the trained teacher for both, and the difference
-of the means with its standard error (sqrt(s1^2/n1 + s2^2/n2)). Every finished run is
+of the means with its standard error (sqrt(s1^2/n1 + s2^2/n2)); for a variant
+(``--tag``), also its paired per-seed difference from the default runs. Every finished run is
 appended to ``--results`` (JSON lines) and reused when the command is run again, so a
 long comparison can be stopped and continued, and variants (``--tag`` with
 ``--override``) share one file. Runs take ~10-15 min each on 2 CPU cores.
@@ -143,6 +144,17 @@ def summarize(rows, tag, seeds):
               f"dino_jax {mj:6.2f} ± {sj:4.2f} (n={nj}) | dino_jax - official {mj - mo:+6.2f} ± {se:4.2f} (SE)")
         out[key] = {"official_mean": mo, "official_std": so, "dino_jax_mean": mj, "dino_jax_std": sj,
                     "difference": mj - mo, "standard_error": se, "n_official": no, "n_dino_jax": nj}
+    base = {r["seed"]: r for r in rows if r["side"] == "dino_jax" and r["tag"] == "default"}
+    paired = [(sides["dino_jax"][s_], base[s_]) for s_ in seeds if s_ in base and s_ in sides["dino_jax"]]
+    if tag != "default" and paired:
+        # A variant against the default on the same seeds: same init, data order and crop
+        # decisions, so the per-seed differences isolate what the variant changes.
+        d = [v["trained"] - b["trained"] for v, b in paired]
+        md, sd = mean_std(d)
+        se = sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+        print(f"{'paired':>14} | dino_jax[{tag}] - dino_jax[default], trained, per seed "
+              f"{', '.join(f'{x:+.2f}' for x in d)}: mean {md:+.2f} ± {se:.2f} (SE, n={len(d)})")
+        out["paired_vs_default"] = {"differences": d, "mean": md, "standard_error": se}
     return out
 
 
