@@ -112,20 +112,6 @@ def test_crop_resize_on_imagenet_sized_crops_equals_pil():
         np.testing.assert_allclose(got.transpose(1, 0, 2), want, rtol=0, atol=3e-5)
 
 
-def test_batched_crop_resize_of_mixed_crops_equals_pil():
-    """One batched call over crops of very different sizes (a large downscale, a small
-    upscale, crops at the right and bottom edges, where the shared cut is clamped into
-    the image): every crop equals PIL's own resize within 3e-5, as one crop alone does."""
-    img = photo(375, 500, seed=5)
-    boxes = [(7, 30, 360, 345), (100, 356, 150, 141), (0, 0, 20, 30), (325, 440, 50, 60),
-             (3, 499 - 200, 372, 200), (200, 1, 9, 11)]
-    got = augment.crop_resize_batch(tf.constant(img), tf.constant(boxes), 96, gain=1 / 255).numpy()
-    assert got.shape == (len(boxes), 96, 96, 3)
-    for i, (top, left, h, w) in enumerate(boxes):
-        want = pil_resize(img[top:top + h, left:left + w].astype(np.float32) / 255, (96, 96))
-        np.testing.assert_allclose(got[i].transpose(1, 0, 2), want, rtol=0, atol=3e-5, err_msg=str(boxes[i]))
-
-
 @pytest.mark.parametrize("xla", [True, False])
 def test_rendered_crops_equal_the_reference_ops(xla):
     """Sixteen 24 px crops with every op drawn (jitter in all sorts of orders, gray, blur,

@@ -7,8 +7,8 @@ Per example, the crops of one decoded image are made in two steps:
    global stream position, group), so crops do not depend on thread
    scheduling, host count or resumption.
 2. :func:`render_crops` applies them: each crop is cut and resized with
-   PIL's antialiased bicubic filter (:func:`crop_resize_batch`, block-banded
-   matrix products shared by the group), then the crops of the group go through the colour ops,
+   PIL's antialiased bicubic filter (:func:`resample_axis`, block-banded
+   matrix products), then the crops of the group go through the colour ops,
    blur, solarize and normalisation together in two XLA-compiled functions
    (:func:`_jitter_stage_impl`, :func:`_finish_stage_impl`) on planar (N, 3, H, W) data.
 
@@ -171,98 +171,62 @@ def _round_up(n, q):
     return (n + q - 1) // q * q
 
 
-def _band_weights(in_size, out_size, out_count: int, out_start=0, block: int = _BLOCK):
-    """Banded PIL-bicubic weights of n resizes of inputs of lengths ``in_size`` (n,) to
-    ``out_size``, for output entries [out_start, out_start + out_count): w (n, nb,
-    block, S) float32 and the first input entry of each block's window, start (n, nb)
-    int32, all windows of one length S (the widest needed, rounded up to _QUANTUM).
+def resample_axis(x, in_size, out_size, out_start=0, out_count: int | None = None, offset=0,
+                  columns=None, gain: float = 1.0, block: int = _BLOCK):
+    """Resize axis 0 of ``x`` (entries [offset, offset + in_size)) to ``out_size`` with
+    PIL's antialiased bicubic filter; returns output entries [out_start, out_start +
+    out_count) as float32, multiplied by ``gain``. ``columns=(left, width)`` first cuts
+    axis 1 to [left, left + width) (after the gather: only the needed rows are copied).
+    ``in_size``, ``out_size``, ``out_start``, ``offset`` and ``columns`` may be tensors;
+    ``out_count`` (default ``out_size``) is a Python int. ``x`` may be uint8.
 
     PIL's precompute_coeffs: output i has centre c = (i + 0.5) * scale, support
     2 * max(scale, 1), taps j in [int(c - support + 0.5), int(c + support + 0.5))
     clipped to the input, weights bicubic((j - c + 0.5) / max(scale, 1))
-    renormalised. The taps of ``block`` consecutive outputs lie in one window of S
-    inputs, so a resize is one batched (nb, block, S) @ (nb, S, rest) product over
-    gathered windows: ~(block + 4 scale) / out_size of a dense one. Taps outside an
-    input get weight 0, so windows may run past it (callers clip their indices)."""
-    insz = tf.cast(in_size, tf.float32)[:, None]                                      # (n, 1)
+    renormalised. The taps of ``block`` consecutive outputs lie in one window of
+    S inputs, so the resize is one batched (blocks, block, S) @ (blocks, S, rest)
+    product over gathered windows: ~(block + 4 scale) / out_size of a dense one.
+    """
+    out_count = int(out_size if out_count is None else out_count)
+    in_size = tf.cast(in_size, tf.int32)
+    insz = tf.cast(in_size, tf.float32)
     scale = insz / tf.cast(out_size, tf.float32)
     fscale = tf.maximum(scale, 1.0)
     support = 2.0 * fscale
-    nb = -(-int(out_count) // block)
-    span = tf.cast(tf.math.ceil(tf.reduce_max(block * scale + 2.0 * support)), tf.int32) + 2
-    span = _round_up(span, _QUANTUM)
-    i = tf.cast(out_start, tf.float32) + tf.range(nb * block, dtype=tf.float32)[None, :]
-    center = (i + 0.5) * scale                                                        # (n, nb*block)
+    nb = -(-out_count // block)
+    span = tf.cast(tf.math.ceil(block * scale + 2.0 * support), tf.int32) + 2
+    span = tf.minimum(_round_up(span, _QUANTUM), in_size)
+    i = tf.cast(out_start, tf.float32) + tf.range(nb * block, dtype=tf.float32)
+    center = (i + 0.5) * scale
     lo = tf.maximum(tf.floor(center - support + 0.5), 0.0)
     hi = tf.minimum(tf.floor(center + support + 0.5), insz)
-    n = tf.shape(center)[0]
-    start = tf.reshape(lo, [n, nb, block])[:, :, 0]                                   # (n, nb)
-    src = start[:, :, None, None] + tf.range(span, dtype=tf.float32)                  # (n, nb, 1, S)
-    center, lo, hi = (tf.reshape(v, [n, nb, block, 1]) for v in (center, lo, hi))
-    w = tf.where((src >= lo) & (src < hi), _pil_bicubic((src - center + 0.5) / fscale[:, :, None, None]), 0.0)
-    total = tf.reduce_sum(w, axis=-1, keepdims=True)
-    w = w / tf.where(total > 0, total, 1.0)          # padded outputs past the input have no taps
-    return w, tf.cast(start, tf.int32), span
-
-
-def _resample(x, offset, in_size, out_size, out_count: int, out_start=0, gain: float = 1.0):
-    """Resize axis 1 of x (n, L, ...), per batch row the entries [offset, offset +
-    in_size) ((n,) tensors), to ``out_size`` with PIL's antialiased bicubic filter:
-    output entries [out_start, out_start + out_count), float32 (n, out_count, ...),
-    times ``gain``. Windows are gathered along axis 1 (contiguous copies) and weighted
-    by one batched matrix product. ``x`` may be uint8."""
-    wts, start, span = _band_weights(in_size, out_size, out_count, out_start)
-    n, nb = tf.shape(start)[0], tf.shape(start)[1]
-    idx = tf.clip_by_value(offset[:, None, None] + start[:, :, None] + tf.range(span), 0, tf.shape(x)[1] - 1)
-    win = tf.gather(x, tf.reshape(idx, [n, -1]), axis=1, batch_dims=1)                # (n, nb*S, ...)
-    rest = tf.shape(x)[2:]
-    win = tf.reshape(tf.cast(win, tf.float32), [n, nb, span, -1])
-    y = tf.matmul(wts if gain == 1.0 else wts * gain, win)                            # (n, nb, block, rest)
-    return tf.reshape(y, tf.concat([[n, -1], rest], 0))[:, :out_count]
-
-
-def resample_axis(x, in_size, out_size, out_start=0, out_count: int | None = None, offset=0,
-                  gain: float = 1.0):
-    """Resize axis 0 of ``x`` (entries [offset, offset + in_size)) to ``out_size`` with
-    PIL's antialiased bicubic filter (see :func:`_band_weights`); returns output
-    entries [out_start, out_start + out_count) as float32, times ``gain``.
-    ``in_size``, ``out_size``, ``out_start`` and ``offset`` may be tensors;
-    ``out_count`` (default ``out_size``) is a Python int. ``x`` may be uint8."""
-    out_count = int(out_size if out_count is None else out_count)
-    vec = lambda v: tf.reshape(tf.cast(v, tf.int32), [1])  # noqa: E731
-    return _resample(x[None], vec(offset), vec(in_size), out_size, out_count, out_start, gain)[0]
-
-
-def crop_resize_batch(image, boxes, size: int, gain: float = 1.0):
-    """Crops (n, 4) boxes (top, left, h, w) of an HxWxC image (uint8 or float), each
-    PIL-bicubic resized to size x size, times ``gain``: float32 (n, size_w, size_h, C) --
-    width first, the layout the passes leave it in (not clipped).
-
-    The n crops share one set of ops (a resize per crop cost ~35 TF ops per crop and
-    pass, most of the multi-crop time): each crop's region is cut as a block of the
-    group's largest crop size (rounded up to _QUANTUM, kept inside the image; n 2-D
-    slices, the only per-crop ops), then the rows pass and, on its transposed output,
-    the columns pass (:func:`_resample`). Equal to one resize per crop up to float32
-    summation order (the extra taps have weight 0)."""
-    boxes = tf.cast(boxes, tf.int32)
-    n = boxes.shape[0]
-    height, width, channels = tf.shape(image)[0], tf.shape(image)[1], tf.shape(image)[2]
-    top, left, h, w = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    cut_h = tf.minimum(_round_up(tf.reduce_max(h), _QUANTUM), height)
-    cut_w = tf.minimum(_round_up(tf.reduce_max(w), _QUANTUM), width)
-    cut_top = tf.minimum(top, height - cut_h)
-    cut_left = tf.minimum(left, width - cut_w)
-    rows = tf.reshape(image, [height, width * channels])  # 2-D slices copy contiguous runs: ~2x faster
-    cuts = tf.stack([rows[cut_top[i]:cut_top[i] + cut_h, cut_left[i] * channels:(cut_left[i] + cut_w) * channels]
-                     for i in range(n)])
-    cuts = tf.reshape(cuts, [n, cut_h, cut_w, channels])
-    y = _resample(cuts, top - cut_top, h, size, size, gain=gain)                      # (n, size_h, cut_w, C)
-    return _resample(tf.transpose(y, [0, 2, 1, 3]), left - cut_left, w, size, size)   # (n, size_w, size_h, C)
+    start = tf.clip_by_value(tf.reshape(lo, [nb, block])[:, 0], 0.0, insz - tf.cast(span, tf.float32))
+    src = start[:, None, None] + tf.range(span, dtype=tf.float32)[None, None, :]     # (nb, 1, S)
+    center, lo, hi = (tf.reshape(v, [nb, block, 1]) for v in (center, lo, hi))
+    w = tf.where((src >= lo) & (src < hi), _pil_bicubic((src - center + 0.5) / fscale), 0.0)
+    w = w * (gain / tf.reduce_sum(w, axis=-1, keepdims=True))                        # (nb, block, S)
+    idx = offset + tf.cast(start, tf.int32)[:, None] + tf.range(span)[None, :]        # (nb, S)
+    windows = tf.gather(x, idx)
+    if columns is not None:
+        windows = windows[:, :, columns[0]:columns[0] + columns[1]]
+    rest = tf.shape(windows)[2:]
+    windows = tf.reshape(tf.cast(windows, tf.float32), [nb, span, -1])
+    y = tf.matmul(w, windows)                                                          # (nb, block, rest)
+    y = tf.reshape(y, tf.concat([[nb * block], rest], 0))
+    return y[:out_count]
 
 
 def crop_resize(image, box, size: int, gain: float = 1.0):
-    """One crop (top, left, h, w) of :func:`crop_resize_batch`: (size_w, size_h, C)."""
-    return crop_resize_batch(image, tf.reshape(box, [1, 4]), size, gain)[0]
+    """Crop (top, left, h, w) of an HxWxC image (uint8 or float), PIL-bicubic resize to
+    size x size, times ``gain``: float32 (size_w, size_h, C) -- width first, the layout
+    the passes leave it in (not clipped)."""
+    # Rows first, over a column cut whose width is rounded up (see _QUANTUM) and kept
+    # inside the image; the columns pass then reads the crop's own columns from it.
+    width = tf.shape(image)[1]
+    cut_w = tf.minimum(_round_up(box[3], _QUANTUM), width)
+    cut_left = tf.minimum(box[1], width - cut_w)
+    y = resample_axis(image, box[2], size, offset=box[0], columns=(cut_left, cut_w), gain=gain)  # (size, cut_w, C)
+    return resample_axis(tf.transpose(y, [1, 0, 2]), box[3], size, offset=box[1] - cut_left)   # (size_w, size_h, C)
 
 
 # --------------------------------------------------------------------------
@@ -382,7 +346,8 @@ def render_crops(image, params, size: int, cfg: MultiCropConfig, xla: bool = Tru
     blur), 'all'."""
     n = params["box"].shape[0]
     gain = 1.0 if until == "resize" else 1.0 / 255.0
-    crops = tf.ensure_shape(crop_resize_batch(image, params["box"], size, gain=gain), [n, size, size, 3])
+    crops = tf.stack([crop_resize(image, params["box"][i], size, gain=gain) for i in range(n)])
+    crops = tf.ensure_shape(crops, [n, size, size, 3])
     if until == "resize":
         return crops
     jitter_fn, finish_fn = (_jitter_stage_xla, _finish_stage_xla) if xla else (_jitter_stage_impl,
