@@ -39,7 +39,8 @@ def parse_args(argv=None):
     ap.add_argument("--config", default=os.path.join(REPO, "configs", "fmnist_nano.py"),
                     help="dino_jax config (the nano recipe restates the official anchor)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra --config.KEY=VALUE for the dino_jax runs (a variant; give it a --tag)")
+                    help="extra --config.KEY=VALUE for the dino_jax runs (a variant; give it a --tag); "
+                         "'{seed}' in VALUE becomes the run's seed (e.g. init_from=inits/seed{seed}.pth)")
     ap.add_argument("--tag", default="default",
                     help="name of the dino_jax variant (rows of the results file are keyed by side, tag, seed)")
     ap.add_argument("--dino_dir", default=None, help="checkout of facebookresearch/dino (official side)")
@@ -78,7 +79,8 @@ def run_dino_jax(args, seed):
         subprocess.run(["rm", "-rf", workdir], check=True)
     cmd = [sys.executable, "-m", "dino_jax.main", f"--config={args.config}", f"--workdir={workdir}",
            f"--config.seed={seed}", "--config.knn_random_init=true"]  # the quickstart's baseline too
-    cmd += [f"--config.{o}" for o in args.override]
+    overrides = [o.replace("{seed}", str(seed)) for o in args.override]
+    cmd += [f"--config.{o}" for o in overrides]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -87,7 +89,7 @@ def run_dino_jax(args, seed):
     s = last_json_line(proc.stdout)
     return {"side": "dino_jax", "tag": args.tag, "seed": seed, "random": s["knn_top1_random"],
             "trained": s["knn_top1_trained"], "seconds": round(time.time() - t0, 1),
-            "config": os.path.relpath(args.config, REPO), "overrides": args.override}
+            "config": os.path.relpath(args.config, REPO), "overrides": overrides}
 
 
 def run_official(args, seed):
@@ -155,6 +157,17 @@ def summarize(rows, tag, seeds):
         print(f"{'paired':>14} | dino_jax[{tag}] - dino_jax[default], trained, per seed "
               f"{', '.join(f'{x:+.2f}' for x in d)}: mean {md:+.2f} ± {se:.2f} (SE, n={len(d)})")
         out["paired_vs_default"] = {"differences": d, "mean": md, "standard_error": se}
+    off_paired = [(sides["dino_jax"][s_], sides["official"][s_]) for s_ in seeds
+                  if s_ in sides["official"] and s_ in sides["dino_jax"]]
+    if tag != "default" and off_paired:
+        # A variant that starts from the official run's own initial weights
+        # (init_from=.../seed{seed}.pth) shares its init with the official run of that seed.
+        d = [v["trained"] - o["trained"] for v, o in off_paired]
+        md, sd = mean_std(d)
+        se = sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+        print(f"{'paired':>14} | dino_jax[{tag}] - official, trained, per seed "
+              f"{', '.join(f'{x:+.2f}' for x in d)}: mean {md:+.2f} ± {se:.2f} (SE, n={len(d)})")
+        out["paired_vs_official"] = {"differences": d, "mean": md, "standard_error": se}
     return out
 
 
