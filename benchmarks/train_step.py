@@ -121,7 +121,7 @@ def run_official(a, recipe: str, batch: int) -> float:
     import subprocess  # noqa: PLC0415
     cmd = [a.official_python, a.official_bench, "--dino_dir", a.official, "--recipe", recipe,
            "--batch", str(batch), "--steps", str(a.official_steps), "--warmup", "1",
-           "--threads", str(a.threads)]
+           "--threads", str(a.threads), "--device", a.official_device] + (["--fp16"] if a.official_fp16 else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"error: official step bench failed ({' '.join(cmd)}): {out.stderr.strip().splitlines()[-1:]}")
@@ -185,6 +185,10 @@ def main():
                     help="python with torch + torchvision for the official step")
     ap.add_argument("--official_steps", type=int, default=3, help="timed official steps per repeat")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads of the official step")
+    ap.add_argument("--official_device", default="cpu",
+                    help="torch device of the official step: cpu | cuda (on a GPU host, beside ours)")
+    ap.add_argument("--official_fp16", action="store_true",
+                    help="the official step with its fp16 autocast + GradScaler (its --use_fp16)")
     a = ap.parse_args()
     if a.official and not (a.recipe and a.official_bench and os.path.isfile(a.official_bench)):
         sys.exit("error: --official needs --recipe and an existing --official_bench file")
@@ -264,6 +268,12 @@ def main():
             ("achieved TFLOP/s", f"{achieved:.2f}"),
             ("MFU", f"{100 * mfu:.1f}%" if mfu is not None else "n/a (unknown peak: --peak_tflops)"),
             ("loss", f"{float(m['loss']):.4f}")]
+    try:  # GPU/TPU report the allocator's peak; XLA:CPU has no memory stats
+        peak_bytes = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    except Exception:  # noqa: BLE001 - optional backend feature
+        peak_bytes = None
+    if peak_bytes:
+        rows.append(("peak device memory (GiB)", f"{peak_bytes / 2 ** 30:.2f}"))
     off_ips = float(np.median(official)) if official else None
     if off_ips:
         rows += [("repeats (ours, official)", f"{a.repeats} x {a.steps} steps, {a.repeats} x {a.official_steps} steps"),
@@ -286,6 +296,7 @@ def main():
                       "gflop_per_image": round(flops_img / 1e9, 3), "mfu": mfu,
                       "device": jax.devices()[0].device_kind, "batch_size": b, "dtype": str(config.model.dtype),
                       "recipe": a.recipe, "official_images_per_second": off_ips,
+                      "peak_memory_gib": round(peak_bytes / 2 ** 30, 3) if peak_bytes else None,
                       "ratio_vs_official": round(ips / off_ips, 3) if off_ips else None,
                       "loop_images_per_second": round(loop, 2) if loop is not None else None,
                       "loop_ratio": round(loop / ips, 4) if loop is not None else None}))
