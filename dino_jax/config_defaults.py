@@ -125,8 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.knn_max_train_examples = 0      # cap the k-NN bank (0 = whole split): keeps periodic eval cheap
     c.knn_max_eval_examples = 0       # cap the evaluated images (0 = whole split)
     c.knn_batch_size = 256            # global batch of the k-NN feature extraction
-    c.knn_random_init = False         # also k-NN the same model at random init at the end (a baseline
-                                      # the quickstart shows; one more full evaluation)
+    c.knn_random_init = False         # also k-NN the teacher the run started from (random init, or the
+                                      # init_from weights) at the end: the baseline the quickstart shows;
+                                      # one more full evaluation
     # ---------------- periodic evaluation of the teacher (dino_jax/eval/periodic.py) ----------------
     # Evaluators run every N epochs (and at the end), their numbers logged like the training metrics:
     # 'knn' (needs data.eval_split; knn_* fields, every knn_every_epochs), 'retrieval',

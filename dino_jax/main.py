@@ -259,12 +259,16 @@ def train_and_evaluate(config, workdir: str, stream=None) -> dict:
         state = train.create_train_state(config, rng, mesh=mesh, models=models, optimizer=optimizer)
         state_sh = jax.tree.map(lambda x: x.sharding, state)
         init_teacher_backbone = None
-        if config.knn_random_init and config.data.eval_split:
-            # The same model at random init: the baseline the trained teacher is compared with.
-            init_teacher_backbone = jax.tree.map(np.asarray, state.teacher["backbone"])
         init_msg = None
         if latest is None and config.init_from:  # resuming the run's own checkpoint wins
             state, init_msg = warm_start.warm_start(state, config, model_cfg, head_cfg)
+        if config.knn_random_init and config.data.eval_split:
+            # The teacher the run started from (random init, or init_from's weights): the
+            # baseline the trained teacher is compared with. A resumed run recomputes it.
+            start = state
+            if latest is not None and config.init_from:
+                start, _ = warm_start.warm_start(state, config, model_cfg, head_cfg)
+            init_teacher_backbone = jax.tree.map(np.asarray, start.teacher["backbone"])
         if latest is not None:
             tree, meta = ckpt.restore(latest, checkpoint.state_to_tree(state))
             state = checkpoint.tree_to_state(state, tree)
@@ -390,7 +394,8 @@ def train_and_evaluate(config, workdir: str, stream=None) -> dict:
             res0 = _knn(config, backbone, init_teacher_backbone, mesh, logger)
             summary["knn_top1_random"] = res0["knn_top1"]
             summary["knn_top5_random"] = res0["knn_top5"]
-            logger.print(f"k-NN (k={config.knn_k}) top-1 of the random-init teacher: {res0['knn_top1']:.2f}%")
+            logger.print(f"k-NN (k={config.knn_k}) top-1 of the starting teacher "
+                         f"({'init_from' if config.init_from else 'random init'}): {res0['knn_top1']:.2f}%")
         logger.scalars(step, {k: v for k, v in summary.items() if k.startswith("knn")}, "knn")
     summary.update(periodic.run_due(evaluators, backbone, state.teacher["backbone"], mesh, None, logger.print,
                                     exclude=("knn",)))  # the other config.evals at the end

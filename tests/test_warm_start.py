@@ -162,19 +162,32 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs Debian's dataset-fashion-mnist")
-def test_training_starts_from_init_from_and_resume_wins_over_it(nets, tmp_path):
+def test_training_starts_from_init_from_and_resume_wins_over_it(nets, tmp_path, monkeypatch):
     """A real run (3 steps) warm-started from an official full checkpoint: the first log
     lines say so. Its latest checkpoint (step 3) is then damaged; the rerun (to step 2)
     names it in its first line, sets it aside, and resumes the run's own step 2, not
-    ``init_from``."""
+    ``init_from``. Both runs' ``knn_random_init`` baseline is the loaded teacher (the
+    weights the run started from), not the discarded fresh initialisation."""
     from dino_jax import main  # noqa: PLC0415
+    from dino_jax.eval import periodic  # noqa: PLC0415
+
+    evaluated = []  # the backbone params every end-of-run k-NN was given
+    knn_call = periodic.KnnEvaluator.__call__
+
+    def recording_knn(self, backbone, params, mesh, *args, **kwargs):
+        evaluated.append(np_tree(params))
+        return knn_call(self, backbone, params, mesh, *args, **kwargs)
+
+    monkeypatch.setattr(periodic.KnnEvaluator, "__call__", recording_knn)
 
     _, student, teacher, center = nets
     config = tiny_config()
     config.update(dict(
         total_steps=3, checkpoint_every_steps=1, keep_checkpoints=10, log_every_steps=1,
         freeze_last_layer=0, warmup_epochs=0.0, lr=0.002,
-        data=dict(source="fashion_mnist", path=FMNIST, train_split="train[:64]", eval_split="",
+        knn_random_init=True, knn_max_train_examples=64, knn_max_eval_examples=32, knn_batch_size=32,
+        data=dict(source="fashion_mnist", path=FMNIST, train_split="train[:64]", eval_split="test",
+                  eval_image_size=16, eval_resize_ratio=1.0,
                   global_crop_size=16, local_crop_size=8, num_local_crops=2, blur_sigma=(0.1, 0.3))))
     pth = str(tmp_path / "checkpoint.pth")
     official_full_checkpoint(pth, student, teacher, center)
@@ -185,6 +198,9 @@ def test_training_starts_from_init_from_and_resume_wins_over_it(nets, tmp_path):
     assert main.train_and_evaluate(config, workdir, stream=out)["step"] == 3
     lines = out.getvalue().splitlines()
     assert lines[1].startswith(f"warm start from {pth} (official training checkpoint): loaded "), lines[:3]
+    assert len(evaluated) == 2  # the trained teacher, then the starting one
+    assert_tree_equal(evaluated[1], teacher["backbone"])
+    assert any("top-1 of the starting teacher (init_from)" in line for line in lines)
 
     # The run started from the loaded teacher and center: after 1 step the teacher is the
     # EMA (momentum 0.996) of the loaded one, and the center 0.9 x the loaded one + 0.1 x mean.
@@ -211,6 +227,8 @@ def test_training_starts_from_init_from_and_resume_wins_over_it(nets, tmp_path):
     assert not any(line.startswith("warm start") for line in lines)
     assert any(line.startswith("resumed from") and line.split()[2].endswith("/2") for line in lines)
     assert summary["step"] == 2
+    assert len(evaluated) == 4 and "knn_top1_random" in summary
+    assert_tree_equal(evaluated[3], teacher["backbone"])  # resumed: the same baseline
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2", "3.unreadable-OUT_OF_RANGE"]
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "3.unreadable-OUT_OF_RANGE", "state"))
     ck = checkpoint.TrainCheckpointer(workdir, async_save=False)
