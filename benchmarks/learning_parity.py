@@ -14,6 +14,10 @@ long comparison can be stopped and continued, and variants (``--tag`` with
 ``--override``) share one file. Runs take ~10-15 min each on 2 CPU cores.
 
 ``--which dino_jax --config configs/quickstart.py`` gives the spread of the quickstart.
+``--official_inits DIR`` saves the official run's initial weights of each seed (the anchor's
+models right after ``torch.manual_seed(seed)``) as ``DIR/seed{S}.pth``; ``--tag offinit
+--override 'init_from=DIR/seed{seed}.pth'`` then trains dino_jax from exactly those
+weights, and the table pairs each seed with the official run of that seed.
 Prints a table; the last line is a JSON object.
 """
 from __future__ import annotations
@@ -54,6 +58,9 @@ def parse_args(argv=None):
     ap.add_argument("--results", default="learning_parity.jsonl", help="JSON-lines file of finished runs")
     ap.add_argument("--workdir_root", default="/tmp/learning_parity", help="where dino_jax runs write")
     ap.add_argument("--list", action="store_true", help="print the table of --results without running anything")
+    ap.add_argument("--official_inits", metavar="DIR", default=None,
+                    help="only save the official nano run's initial weights of each seed as DIR/seed{S}.pth "
+                         "(then: --tag offinit --override 'init_from=DIR/seed{seed}.pth')")
     return ap.parse_args(argv)
 
 
@@ -108,6 +115,44 @@ def run_official(args, seed):
     return {"side": "official", "tag": "official", "seed": seed, "random": s["knn_random_init"],
             "trained": s["knn_trained_teacher"], "seconds": round(time.time() - t0, 1),
             "args": args.official_args}
+
+
+# Run by --torch_python: the official anchor's initial student and teacher for each seed
+# (built as official_fmnist.py builds them right after torch.manual_seed(seed)), saved as an
+# official training checkpoint that dino_jax's init_from reads.
+_OFFICIAL_INIT = r"""
+import functools, os, sys, torch
+script, dino_dir, out_dir = sys.argv[1:4]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+anchor = __import__(os.path.splitext(os.path.basename(script))[0])
+vits, _, utils = anchor.load_official(dino_dir)
+for seed in map(int, sys.argv[4:]):
+    torch.manual_seed(seed)
+    cfg = dict(img_size=[28], patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4, qkv_bias=True,
+               norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+    head_kw = dict(use_bn=False, nlayers=3, hidden_dim=512, bottleneck_dim=64)
+    student = utils.MultiCropWrapper(vits.VisionTransformer(drop_path_rate=0.1, **cfg),
+                                     vits.DINOHead(96, 1024, norm_last_layer=True, **head_kw))
+    torch.save({"student": {"module." + k: v for k, v in student.state_dict().items()},
+                "teacher": student.state_dict(), "dino_loss": {"center": torch.zeros(1, 1024)}},
+               os.path.join(out_dir, f"seed{seed}.pth"))
+    print(os.path.join(out_dir, f"seed{seed}.pth"))
+"""
+
+
+def save_official_inits(args) -> int:
+    """--official_inits DIR: DIR/seed{S}.pth, the official nano run's initial weights per seed."""
+    if not args.dino_dir:
+        print("error: --official_inits needs --dino_dir (a checkout of facebookresearch/dino)", file=sys.stderr)
+        return 1
+    os.makedirs(args.official_inits, exist_ok=True)
+    proc = subprocess.run([args.torch_python, "-c", _OFFICIAL_INIT, args.official_script, args.dino_dir,
+                           args.official_inits] + [str(s) for s in args.seeds], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"error: saving the official inits failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return 1
+    print(proc.stdout.strip())
+    return 0
 
 
 def mean_std(xs):
@@ -173,6 +218,8 @@ def summarize(rows, tag, seeds):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.official_inits:
+        return save_official_inits(args)
     rows = load_results(args.results)
     if not args.list:
         done = {(r["side"], r["tag"], r["seed"]) for r in rows}
