@@ -164,6 +164,18 @@ def mean_std(xs):
     return m, sd
 
 
+def _paired(out, key, label, variant, other, seeds):
+    """Print and store in ``out[key]`` the per-seed trained differences variant - other."""
+    d = [variant[s]["trained"] - other[s]["trained"] for s in seeds if s in variant and s in other]
+    if not d:
+        return
+    md, sd = mean_std(d)
+    se = sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    print(f"{'paired':>14} | {label}, trained, per seed "
+          f"{', '.join(f'{x:+.2f}' for x in d)}: mean {md:+.2f} ± {se:.2f} (SE, n={len(d)})")
+    out[key] = {"differences": d, "mean": md, "standard_error": se}
+
+
 def summarize(rows, tag, seeds):
     """Per-seed table and mean ± std for official vs dino_jax[tag]; returns the JSON summary."""
     sides = {"official": {r["seed"]: r for r in rows if r["side"] == "official"},
@@ -191,28 +203,15 @@ def summarize(rows, tag, seeds):
               f"dino_jax {mj:6.2f} ± {sj:4.2f} (n={nj}) | dino_jax - official {mj - mo:+6.2f} ± {se:4.2f} (SE)")
         out[key] = {"official_mean": mo, "official_std": so, "dino_jax_mean": mj, "dino_jax_std": sj,
                     "difference": mj - mo, "standard_error": se, "n_official": no, "n_dino_jax": nj}
-    base = {r["seed"]: r for r in rows if r["side"] == "dino_jax" and r["tag"] == "default"}
-    paired = [(sides["dino_jax"][s_], base[s_]) for s_ in seeds if s_ in base and s_ in sides["dino_jax"]]
-    if tag != "default" and paired:
-        # A variant against the default on the same seeds: same init, data order and crop
-        # decisions, so the per-seed differences isolate what the variant changes.
-        d = [v["trained"] - b["trained"] for v, b in paired]
-        md, sd = mean_std(d)
-        se = sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-        print(f"{'paired':>14} | dino_jax[{tag}] - dino_jax[default], trained, per seed "
-              f"{', '.join(f'{x:+.2f}' for x in d)}: mean {md:+.2f} ± {se:.2f} (SE, n={len(d)})")
-        out["paired_vs_default"] = {"differences": d, "mean": md, "standard_error": se}
-    off_paired = [(sides["dino_jax"][s_], sides["official"][s_]) for s_ in seeds
-                  if s_ in sides["official"] and s_ in sides["dino_jax"]]
-    if tag != "default" and off_paired:
-        # A variant that starts from the official run's own initial weights
-        # (init_from=.../seed{seed}.pth) shares its init with the official run of that seed.
-        d = [v["trained"] - o["trained"] for v, o in off_paired]
-        md, sd = mean_std(d)
-        se = sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-        print(f"{'paired':>14} | dino_jax[{tag}] - official, trained, per seed "
-              f"{', '.join(f'{x:+.2f}' for x in d)}: mean {md:+.2f} ± {se:.2f} (SE, n={len(d)})")
-        out["paired_vs_official"] = {"differences": d, "mean": md, "standard_error": se}
+    if tag != "default":
+        # Against the default on the same seeds: same init, data order and crop decisions,
+        # so the per-seed differences isolate what the variant changes.
+        base = {r["seed"]: r for r in rows if r["side"] == "dino_jax" and r["tag"] == "default"}
+        _paired(out, "paired_vs_default", f"dino_jax[{tag}] - dino_jax[default]", sides["dino_jax"], base, seeds)
+        # Against the official run of the same seed: the pairing of a variant that starts
+        # from that run's own initial weights (init_from=.../seed{seed}.pth).
+        _paired(out, "paired_vs_official", f"dino_jax[{tag}] - official", sides["dino_jax"],
+                sides["official"], seeds)
     return out
 
 
