@@ -258,17 +258,23 @@ def train_and_evaluate(config, workdir: str, stream=None) -> dict:
         rng = jax.random.PRNGKey(int(config.seed))
         state = train.create_train_state(config, rng, mesh=mesh, models=models, optimizer=optimizer)
         state_sh = jax.tree.map(lambda x: x.sharding, state)
-        init_teacher_backbone = None
-        init_msg = None
-        if latest is None and config.init_from:  # resuming the run's own checkpoint wins
-            state, init_msg = warm_start.warm_start(state, config, model_cfg, head_cfg)
-        if config.knn_random_init and config.data.eval_split:
-            # The teacher the run started from (random init, or init_from's weights): the
-            # baseline the trained teacher is compared with. A resumed run recomputes it.
-            start = state
-            if latest is not None and config.init_from:
-                start, _ = warm_start.warm_start(state, config, model_cfg, head_cfg)
-            init_teacher_backbone = jax.tree.map(np.asarray, start.teacher["backbone"])
+        # knn_random_init's baseline is the teacher the run started from (random init, or
+        # init_from's weights); a resumed run reloads init_from only for it.
+        want_start = bool(config.knn_random_init and config.data.eval_split)
+        start, init_msg = state, None
+        if config.init_from and (latest is None or want_start):
+            try:
+                start, init_msg = warm_start.warm_start(state, config, model_cfg, head_cfg)
+            except warm_start.WarmStartError as e:
+                if latest is None:
+                    raise
+                start, init_msg = None, f"knn_random_init: no baseline ({e})"  # resume wins anyway
+        if latest is None:
+            state = start
+        elif init_msg and start is not None:
+            init_msg = None  # the run resumes; init_from only gave the baseline
+        init_teacher_backbone = (jax.tree.map(np.asarray, start.teacher["backbone"])
+                                 if want_start and start is not None else None)
         if latest is not None:
             tree, meta = ckpt.restore(latest, checkpoint.state_to_tree(state))
             state = checkpoint.tree_to_state(state, tree)

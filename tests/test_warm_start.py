@@ -229,6 +229,14 @@ def test_training_starts_from_init_from_and_resume_wins_over_it(nets, tmp_path, 
     assert summary["step"] == 2
     assert len(evaluated) == 4 and "knn_top1_random" in summary
     assert_tree_equal(evaluated[3], teacher["backbone"])  # resumed: the same baseline
+
+    # init_from gone: the resume still runs (resume wins), only the baseline is skipped.
+    os.remove(pth)
+    out = io.StringIO()
+    summary = main.train_and_evaluate(config, workdir, stream=out)
+    assert summary["step"] == 2 and "knn_top1_random" not in summary and len(evaluated) == 5
+    assert any(line.startswith(f"knn_random_init: no baseline (init_from {pth} does not exist)")
+               for line in out.getvalue().splitlines())
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2", "3.unreadable-OUT_OF_RANGE"]
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "3.unreadable-OUT_OF_RANGE", "state"))
     ck = checkpoint.TrainCheckpointer(workdir, async_save=False)
