@@ -35,8 +35,11 @@ import tempfile
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+sys.path.insert(0, REPO)
+from dino_jax.data.files import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (no TF/JAX import: both sides)
+
+MEAN = np.asarray(IMAGENET_MEAN, np.float32)
+STD = np.asarray(IMAGENET_STD, np.float32)
 STATS = ("mean", "std", "black", "white", "edges", "centre-border")
 
 
@@ -82,7 +85,6 @@ def official_side(script, dino_dir, images, draws, seed, out):
 
 
 def dino_jax_side(config_path, images, draws, seed, pil_ops=False):
-    sys.path.insert(0, REPO)
     from dino_jax.config_defaults import sibling_config  # noqa: PLC0415
     from dino_jax.data import augment  # noqa: PLC0415
     from dino_jax.data.sources import make_source  # noqa: PLC0415
