@@ -171,62 +171,120 @@ def _round_up(n, q):
     return (n + q - 1) // q * q
 
 
-def resample_axis(x, in_size, out_size, out_start=0, out_count: int | None = None, offset=0,
-                  columns=None, gain: float = 1.0, block: int = _BLOCK):
-    """Resize axis 0 of ``x`` (entries [offset, offset + in_size)) to ``out_size`` with
-    PIL's antialiased bicubic filter; returns output entries [out_start, out_start +
-    out_count) as float32, multiplied by ``gain``. ``columns=(left, width)`` first cuts
-    axis 1 to [left, left + width) (after the gather: only the needed rows are copied).
-    ``in_size``, ``out_size``, ``out_start``, ``offset`` and ``columns`` may be tensors;
-    ``out_count`` (default ``out_size``) is a Python int. ``x`` may be uint8.
+def band_weights(in_size, out_size, out_count: int, out_start=0, gain: float = 1.0, block: int = _BLOCK):
+    """PIL's antialiased bicubic weights of ``n`` 1-D resizes at once: one set of ops
+    for a whole group of crops instead of one per crop (TF's per-op cost: the host
+    side went from ~2,300 to ~830 ops per ImageNet example, ~25% less CPU). ``in_size``: (n,) input lengths;
+    ``out_size`` and ``out_start``: scalars or (n,); outputs [out_start, out_start +
+    out_count) are computed.
 
     PIL's precompute_coeffs: output i has centre c = (i + 0.5) * scale, support
     2 * max(scale, 1), taps j in [int(c - support + 0.5), int(c + support + 0.5))
     clipped to the input, weights bicubic((j - c + 0.5) / max(scale, 1))
     renormalised. The taps of ``block`` consecutive outputs lie in one window of
-    S inputs, so the resize is one batched (blocks, block, S) @ (blocks, S, rest)
-    product over gathered windows: ~(block + 4 scale) / out_size of a dense one.
-    """
-    out_count = int(out_size if out_count is None else out_count)
-    in_size = tf.cast(in_size, tf.int32)
+    span inputs, so one resize is a batched (blocks, block, span) @ (blocks, span,
+    rest) product over gathered windows: ~(block + 4 scale) / out_size of a dense one.
+
+    Returns w (n, blocks, block, S) float32 (times ``gain``), start (n, blocks) int32
+    (first input of each block's window), span (n,) int32, S = max(span); the
+    weights at window positions >= span are zero."""
+    in_size = tf.reshape(tf.cast(in_size, tf.int32), [-1, 1])                            # (n, 1)
     insz = tf.cast(in_size, tf.float32)
-    scale = insz / tf.cast(out_size, tf.float32)
+    scale = insz / tf.reshape(tf.cast(out_size, tf.float32), [-1, 1])
     fscale = tf.maximum(scale, 1.0)
     support = 2.0 * fscale
     nb = -(-out_count // block)
     span = tf.cast(tf.math.ceil(block * scale + 2.0 * support), tf.int32) + 2
-    span = tf.minimum(_round_up(span, _QUANTUM), in_size)
-    i = tf.cast(out_start, tf.float32) + tf.range(nb * block, dtype=tf.float32)
-    center = (i + 0.5) * scale
+    span = tf.minimum(_round_up(span, _QUANTUM), in_size)                                 # (n, 1)
+    i = tf.reshape(tf.cast(out_start, tf.float32), [-1, 1]) + tf.range(nb * block, dtype=tf.float32)
+    center = (i + 0.5) * scale                                                            # (n, nb * block)
     lo = tf.maximum(tf.floor(center - support + 0.5), 0.0)
     hi = tf.minimum(tf.floor(center + support + 0.5), insz)
-    start = tf.clip_by_value(tf.reshape(lo, [nb, block])[:, 0], 0.0, insz - tf.cast(span, tf.float32))
-    src = start[:, None, None] + tf.range(span, dtype=tf.float32)[None, None, :]     # (nb, 1, S)
-    center, lo, hi = (tf.reshape(v, [nb, block, 1]) for v in (center, lo, hi))
-    w = tf.where((src >= lo) & (src < hi), _pil_bicubic((src - center + 0.5) / fscale), 0.0)
-    w = w * (gain / tf.reduce_sum(w, axis=-1, keepdims=True))                        # (nb, block, S)
-    idx = offset + tf.cast(start, tf.int32)[:, None] + tf.range(span)[None, :]        # (nb, S)
-    windows = tf.gather(x, idx)
-    if columns is not None:
-        windows = windows[:, :, columns[0]:columns[0] + columns[1]]
-    rest = tf.shape(windows)[2:]
-    windows = tf.reshape(tf.cast(windows, tf.float32), [nb, span, -1])
-    y = tf.matmul(w, windows)                                                          # (nb, block, rest)
-    y = tf.reshape(y, tf.concat([[nb * block], rest], 0))
-    return y[:out_count]
+    start = tf.clip_by_value(tf.reshape(lo, [-1, nb, block])[:, :, 0], 0.0, insz - tf.cast(span, tf.float32))
+    src = start[:, :, None, None] + tf.range(tf.reduce_max(span), dtype=tf.float32)      # (n, nb, 1, S)
+    center, lo, hi = (tf.reshape(v, [-1, nb, block, 1]) for v in (center, lo, hi))
+    w = tf.where((src >= lo) & (src < hi), _pil_bicubic((src - center + 0.5) / fscale[:, :, None, None]), 0.0)
+    w = w * (gain / tf.reduce_sum(w, axis=-1, keepdims=True))                            # (n, nb, block, S)
+    return w, tf.cast(start, tf.int32), span[:, 0]
+
+
+def _apply_band(x, w, idx, shape, out_shape):
+    """One resize along axis 0 of ``x`` by :func:`band_weights` of one crop: ``w``
+    (nb, block, span), ``idx`` (nb, span) input rows, ``shape`` = [nb, span, -1] (a
+    tensor); ``out_shape``: the output's static shape, [nb * block, ...] (-1 for at
+    most one unknown)."""
+    windows = tf.cast(tf.reshape(tf.gather(x, idx), shape), tf.float32)                 # (nb, span, rest)
+    y = tf.matmul(w, windows)                                                             # (nb, block, rest)
+    return tf.reshape(y, out_shape)
+
+
+def resample_axis(x, in_size, out_size, out_start=0, out_count: int | None = None, offset=0,
+                  gain: float = 1.0, block: int = _BLOCK):
+    """Resize axis 0 of ``x`` (entries [offset, offset + in_size)) to ``out_size`` with
+    PIL's antialiased bicubic filter (see :func:`band_weights`); returns output entries
+    [out_start, out_start + out_count) as float32, multiplied by ``gain``. ``x`` may be
+    uint8 and must have a static rank (2 or 3)."""
+    out_count = int(out_size if out_count is None else out_count)
+    w, start, span = band_weights(tf.reshape(in_size, [1]), out_size, out_count, out_start, gain, block)
+    span = span[0]
+    idx = offset + start[0][:, None] + tf.range(span)[None, :]
+    rest = [int(d) if d is not None else -1 for d in x.shape[1:]]
+    return _apply_band(x, w[0, :, :, :span], idx, tf.stack([w.shape[1], span, -1]),
+                       [w.shape[1] * w.shape[2]] + rest)[:out_count]
+
+
+def crop_resize_group(image, boxes, size: int, gain: float = 1.0):
+    """Crops (top, left, h, w) = ``boxes`` (n, 4) of an HxWxC image (uint8 or float),
+    each PIL-bicubic resized to size x size, times ``gain``: float32 (n, size_w, size_h,
+    C) -- width first, the layout the passes leave it in (not clipped).
+
+    The weights, indices and slice shapes of all n crops are computed together, so
+    each crop costs ~15 ops (a cut, two gathers, two matrix products, a transpose)
+    instead of ~200. The crops stay separate ops, which tf.data's inter-op threads run in parallel.
+    Rows first, over the crop's rows and a column cut whose width is rounded up (see
+    _QUANTUM) and kept inside the image; the columns pass then reads the crop's own
+    columns from it."""
+    n = int(boxes.shape[0])
+    channels = int(image.shape[-1]) if image.shape[-1] is not None else -1
+    width = tf.shape(image)[1]
+    top, left, bh, bw = tf.unstack(tf.cast(boxes, tf.int32), axis=1)
+    cut_w = tf.minimum(_round_up(bw, _QUANTUM), width)
+    cut_left = tf.minimum(left, width - cut_w)
+    w1, start1, span1 = band_weights(bh, size, size, gain=gain)
+    w2, start2, span2 = band_weights(bw, size, size)
+    nb, rows_out = int(w1.shape[1]), int(w1.shape[1]) * int(w1.shape[2])
+    # Window rows relative to the cut; positions past a crop's span (zero weight,
+    # sliced off) are kept in range.
+    idx1 = tf.minimum(start1[:, :, None] + tf.range(tf.shape(w1)[-1]), (bh - 1)[:, None, None])
+    off2 = left - cut_left
+    idx2 = tf.minimum(off2[:, None, None] + start2[:, :, None] + tf.range(tf.shape(w2)[-1]),
+                      (off2 + bw - 1)[:, None, None])
+    zeros, ones, nbs = tf.zeros_like(top), tf.ones_like(top), tf.fill([n], nb)
+
+    def rows(*cols):
+        return tf.unstack(tf.stack(cols, axis=1))
+
+    cut_begin, cut_size = rows(top, cut_left, zeros), rows(bh, cut_w, -ones)
+    w_size1, w_size2 = rows(-ones, -ones, span1), rows(-ones, -ones, span2)
+    i_size1, i_size2 = rows(-ones, span1), rows(-ones, span2)
+    shape1, shape2 = rows(nbs, span1, -ones), rows(nbs, span2, -ones)
+    w1, w2, idx1, idx2 = (tf.unstack(t) for t in (w1, w2, idx1, idx2))
+    z3, z2 = tf.zeros([3], tf.int32), tf.zeros([2], tf.int32)
+    out = []
+    for i in range(n):
+        cut = tf.slice(image, cut_begin[i], cut_size[i])                                 # (bh, cut_w, C)
+        y = _apply_band(cut, tf.slice(w1[i], z3, w_size1[i]), tf.slice(idx1[i], z2, i_size1[i]), shape1[i],
+                        [rows_out, -1, channels])                                                  # (size, cut_w, C)
+        y = tf.transpose(y[:size], [1, 0, 2])                                            # (cut_w, size, C)
+        y = _apply_band(y, tf.slice(w2[i], z3, w_size2[i]), tf.slice(idx2[i], z2, i_size2[i]), shape2[i],
+                        [rows_out, size, channels])
+        out.append(y[:size])
+    return tf.stack(out)
 
 
 def crop_resize(image, box, size: int, gain: float = 1.0):
-    """Crop (top, left, h, w) of an HxWxC image (uint8 or float), PIL-bicubic resize to
-    size x size, times ``gain``: float32 (size_w, size_h, C) -- width first, the layout
-    the passes leave it in (not clipped)."""
-    # Rows first, over a column cut whose width is rounded up (see _QUANTUM) and kept
-    # inside the image; the columns pass then reads the crop's own columns from it.
-    width = tf.shape(image)[1]
-    cut_w = tf.minimum(_round_up(box[3], _QUANTUM), width)
-    cut_left = tf.minimum(box[1], width - cut_w)
-    y = resample_axis(image, box[2], size, offset=box[0], columns=(cut_left, cut_w), gain=gain)  # (size, cut_w, C)
-    return resample_axis(tf.transpose(y, [1, 0, 2]), box[3], size, offset=box[1] - cut_left)   # (size_w, size_h, C)
+    """One crop (top, left, h, w) by :func:`crop_resize_group`: (size_w, size_h, C)."""
+    return crop_resize_group(image, tf.reshape(box, [1, 4]), size, gain)[0]
 
 
 # --------------------------------------------------------------------------
@@ -346,8 +404,7 @@ def render_crops(image, params, size: int, cfg: MultiCropConfig, xla: bool = Tru
     blur), 'all'."""
     n = params["box"].shape[0]
     gain = 1.0 if until == "resize" else 1.0 / 255.0
-    crops = tf.stack([crop_resize(image, params["box"][i], size, gain=gain) for i in range(n)])
-    crops = tf.ensure_shape(crops, [n, size, size, 3])
+    crops = tf.ensure_shape(crop_resize_group(image, params["box"], size, gain=gain), [n, size, size, 3])
     if until == "resize":
         return crops
     jitter_fn, finish_fn = (_jitter_stage_xla, _finish_stage_xla) if xla else (_jitter_stage_impl,
