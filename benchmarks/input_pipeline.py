@@ -1,7 +1,7 @@
 """Input-pipeline throughput of the ImageNet DINO recipe (2x224 + 10x96 crops).
 
-    python benchmarks/make_photo_folder.py --out /tmp/photos --num_images 160
-    python benchmarks/input_pipeline.py --data /tmp/photos --num_images 128 --repeats 3 \
+    python benchmarks/make_photo_folder.py --out /tmp/photos400 --num_images 400
+    python benchmarks/input_pipeline.py --data /tmp/photos400 --num_images 384 --repeats 3 \
         --torch_python /tmp/tvenv/bin/python [--device_augment]
 
 Reads an ImageFolder (``--data``; default: a temporary folder of real photographs
@@ -321,7 +321,9 @@ def main():
     ap.add_argument("--data", default=None,
                     help="ImageFolder root (with a train/ split or class folders); default: photographs made "
                          "by benchmarks/make_photo_folder.py in a temporary folder")
-    ap.add_argument("--num_images", type=int, default=128, help="images timed per measurement")
+    ap.add_argument("--num_images", type=int, default=384,
+                    help="images timed per measurement (a few hundred: with ~100 the pipeline's "
+                         "ramp-up is part of it); the folder should hold at least this many")
     ap.add_argument("--num_local_crops", type=int, default=10, help="local crops (ImageNet recipe: 10)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="measurements of each pipeline, interleaved; the tables show the median "
