@@ -112,6 +112,24 @@ def test_crop_resize_on_imagenet_sized_crops_equals_pil():
         np.testing.assert_allclose(got.transpose(1, 0, 2), want, rtol=0, atol=3e-5)
 
 
+def test_crop_group_with_unequal_spans_equals_pil():
+    """One group whose crops need very different window spans (upscale 0.6x to downscale
+    4.5x, so most are padded to the group's widest window and sliced back), the image's
+    channel count unknown to the graph: each crop equals PIL's own resize within 3e-5."""
+    img = photo(375, 500, seed=5)
+    boxes = [(0, 0, 375, 432), (200, 310, 58, 57), (10, 400, 96, 100), (120, 5, 250, 180), (300, 0, 75, 75)]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint8)])
+    def group(x):
+        return augment.crop_resize_group(x, tf.constant(boxes), 96, gain=1 / 255)
+
+    got = group(tf.constant(img)).numpy()                                  # (n, W, H, C)
+    assert got.shape == (len(boxes), 96, 96, 3)
+    for k, (top, left, h, w) in enumerate(boxes):
+        want = pil_resize(img[top:top + h, left:left + w].astype(np.float32) / 255, (96, 96))
+        np.testing.assert_allclose(got[k].transpose(1, 0, 2), want, rtol=0, atol=3e-5)
+
+
 @pytest.mark.parametrize("xla", [True, False])
 def test_rendered_crops_equal_the_reference_ops(xla):
     """Sixteen 24 px crops with every op drawn (jitter in all sorts of orders, gray, blur,

@@ -211,8 +211,8 @@ def band_weights(in_size, out_size, out_count: int, out_start=0, gain: float = 1
 def _apply_band(x, w, idx, shape, out_shape):
     """One resize along axis 0 of ``x`` by :func:`band_weights` of one crop: ``w``
     (nb, block, span), ``idx`` (nb, span) input rows, ``shape`` = [nb, span, -1] (a
-    tensor); ``out_shape``: the output's static shape, [nb * block, ...] (-1 for at
-    most one unknown)."""
+    tensor); ``out_shape``: the output's shape, [nb * block, ...] (-1 for at most one
+    unknown)."""
     windows = tf.cast(tf.reshape(tf.gather(x, idx), shape), tf.float32)                 # (nb, span, rest)
     y = tf.matmul(w, windows)                                                             # (nb, block, rest)
     return tf.reshape(y, out_shape)
@@ -245,7 +245,10 @@ def crop_resize_group(image, boxes, size: int, gain: float = 1.0):
     _QUANTUM) and kept inside the image; the columns pass then reads the crop's own
     columns from it."""
     n = int(boxes.shape[0])
-    channels = int(image.shape[-1]) if image.shape[-1] is not None else -1
+    channels = int(image.shape[-1]) if image.shape[-1] is not None else None
+
+    def out_shape(*dims):  # a static list unless the channel count is unknown
+        return list(dims) + [channels] if channels is not None else tf.stack(list(dims) + [tf.shape(image)[2]])
     width = tf.shape(image)[1]
     top, left, bh, bw = tf.unstack(tf.cast(boxes, tf.int32), axis=1)
     cut_w = tf.minimum(_round_up(bw, _QUANTUM), width)
@@ -274,10 +277,10 @@ def crop_resize_group(image, boxes, size: int, gain: float = 1.0):
     for i in range(n):
         cut = tf.slice(image, cut_begin[i], cut_size[i])                                 # (bh, cut_w, C)
         y = _apply_band(cut, tf.slice(w1[i], z3, w_size1[i]), tf.slice(idx1[i], z2, i_size1[i]), shape1[i],
-                        [rows_out, -1, channels])                                                  # (size, cut_w, C)
+                        out_shape(rows_out, -1))                                                  # (size, cut_w, C)
         y = tf.transpose(y[:size], [1, 0, 2])                                            # (cut_w, size, C)
         y = _apply_band(y, tf.slice(w2[i], z3, w_size2[i]), tf.slice(idx2[i], z2, i_size2[i]), shape2[i],
-                        [rows_out, size, channels])
+                        out_shape(rows_out, size))
         out.append(y[:size])
     return tf.stack(out)
 
