@@ -174,9 +174,9 @@ def _round_up(n, q):
 def band_weights(in_size, out_size, out_count: int, out_start=0, gain: float = 1.0, block: int = _BLOCK):
     """PIL's antialiased bicubic weights of ``n`` 1-D resizes at once: one set of ops
     for a whole group of crops instead of one per crop (TF's per-op cost: the host
-    side went from ~2,300 to ~830 ops per ImageNet example, ~25% less CPU). ``in_size``: (n,) input lengths;
-    ``out_size`` and ``out_start``: scalars or (n,); outputs [out_start, out_start +
-    out_count) are computed.
+    side went from ~2,300 to ~830 ops per ImageNet example, ~25% less CPU).
+    ``in_size``: (n,) input lengths; ``out_size`` and ``out_start``: scalars or (n,);
+    outputs [out_start, out_start + out_count) are computed.
 
     PIL's precompute_coeffs: output i has centre c = (i + 0.5) * scale, support
     2 * max(scale, 1), taps j in [int(c - support + 0.5), int(c + support + 0.5))
@@ -240,8 +240,8 @@ def crop_resize_group(image, boxes, size: int, gain: float = 1.0):
 
     The weights, indices and slice shapes of all n crops are computed together, so
     each crop costs ~15 ops (a cut, two gathers, two matrix products, a transpose)
-    instead of ~200. The crops stay separate ops, which tf.data's inter-op threads run in parallel.
-    Rows first, over the crop's rows and a column cut whose width is rounded up (see
+    instead of ~200. The crops stay separate ops, which tf.data's inter-op threads run
+    in parallel. Rows first, over the crop's rows and a column cut whose width is rounded up (see
     _QUANTUM) and kept inside the image; the columns pass then reads the crop's own
     columns from it."""
     n = int(boxes.shape[0])
@@ -277,7 +277,7 @@ def crop_resize_group(image, boxes, size: int, gain: float = 1.0):
     for i in range(n):
         cut = tf.slice(image, cut_begin[i], cut_size[i])                                 # (bh, cut_w, C)
         y = _apply_band(cut, tf.slice(w1[i], z3, w_size1[i]), tf.slice(idx1[i], z2, i_size1[i]), shape1[i],
-                        out_shape(rows_out, -1))                                                  # (size, cut_w, C)
+                        out_shape(rows_out, -1))                                 # (size, cut_w, C)
         y = tf.transpose(y[:size], [1, 0, 2])                                            # (cut_w, size, C)
         y = _apply_band(y, tf.slice(w2[i], z3, w_size2[i]), tf.slice(idx2[i], z2, i_size2[i]), shape2[i],
                         out_shape(rows_out, size))
