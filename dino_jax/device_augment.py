@@ -19,7 +19,10 @@ all-host path is upstream: the resized crops are rounded to uint8 before the
 colour ops (as PIL's resize does; the host path keeps them float).
 
 Batch layout (per host, leading axis = examples): ``global_crops`` uint8
-(B, 2, G, G, 3), ``local_crops`` uint8 (B, L, l, l, 3), and ``global_aug`` /
+(B, 2, G, G, 3), ``local_crops`` uint8 (B, L, l, l, 3), each crop width first
+((W, H, 3): the layout the host's separable resize leaves it in; :func:`apply`
+swaps the two axes back, which costs the accelerator nothing and the host a
+float transpose of every crop), and ``global_aug`` /
 ``local_aug``: {flip, jitter, gray, blur, solarize: (B, n) bool; factors:
 (B, n, 4) float32 [brightness, contrast, saturation, hue]; order: (B, n, 4)
 int32 (a permutation of 0..3, the op order); sigma: (B, n) float32}.
@@ -144,11 +147,13 @@ def augment_crops(crops_uint8, aug: dict, max_sigma: float = 2.0, normalize: boo
 
 
 def augment_group(crops, aug: dict, max_sigma: float = 2.0, normalize: bool = True):
-    """(B, n, H, W, 3) uint8 crops + {key: (B, n, ...)} decisions -> (B, n, H, W, 3) float32."""
-    b, n = crops.shape[:2]
+    """(B, n, W, H, 3) uint8 crops, width first as the host ships them, + {key: (B, n, ...)}
+    decisions -> (B, n, H, W, 3) float32."""
+    b, n, w, h, c = crops.shape
     flat = lambda v: v.reshape(b * n, *v.shape[2:])  # noqa: E731
-    out = augment_crops(flat(crops), {k: flat(aug[k]) for k in AUG_KEYS}, max_sigma, normalize)
-    return out.reshape(crops.shape)
+    out = augment_crops(jnp.swapaxes(flat(crops), 1, 2), {k: flat(aug[k]) for k in AUG_KEYS}, max_sigma,
+                        normalize)
+    return out.reshape(b, n, h, w, c)
 
 
 def apply(config, batch: dict) -> dict:

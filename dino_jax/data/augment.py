@@ -426,7 +426,8 @@ def multi_crop(image_uint8, seed, cfg: MultiCropConfig, xla: bool = True, until:
     uint8 image (the crops are cut from the uint8 pixels: no full-image float copy).
 
     ``until='device'`` (``config.data.device_augment``): the crops are only cut and
-    resized, rounded to uint8 (as PIL's resize does), and every photometric decision
+    resized, rounded to uint8 (as PIL's resize does) and left width first, (n, W, H, 3)
+    (:func:`dino_jax.device_augment.apply` swaps the axes back), and every photometric decision
     goes with them, for :mod:`dino_jax.device_augment` to finish on the accelerator:
     'global_aug' / 'local_aug' = {flip, jitter, gray, blur, solarize: (n,) bool;
     factors: (n, 4) float32; order: (n, 4) int32; sigma: (n,) float32}, the same
@@ -441,9 +442,10 @@ def multi_crop(image_uint8, seed, cfg: MultiCropConfig, xla: bool = True, until:
     for g, (name, n, size, scale, blur_p, solarize_p) in enumerate(groups):
         params = sample_crop_params(_fold(seed, g), n, h, w, scale, cfg, blur_p=blur_p, solarize_p=solarize_p)
         if until == "device":
+            # Width first, as the resize leaves them: the accelerator swaps the axes back
+            # (dino_jax.device_augment), which saves the host a float transpose of every crop.
             crops = render_crops(image, params, size, cfg, xla, until="resize")        # (n, W, H, 3)
-            crops = tf.transpose(tf.round(tf.clip_by_value(crops, 0.0, 255.0)), [0, 2, 1, 3])
-            out[name + "_crops"] = tf.cast(crops, tf.uint8)  # (a uint8 transpose logs a oneDNN error)
+            out[name + "_crops"] = tf.cast(tf.round(tf.clip_by_value(crops, 0.0, 255.0)), tf.uint8)
             out[name + "_aug"] = {k: v for k, v in params.items() if k != "box"}
         elif cfg.pil_ops and until == "all":
             out[name + "_crops"] = render_crops_pil(image, params, size, cfg)
