@@ -90,7 +90,7 @@ class _Positions:
 
 class TrainIterator:
     """Per-host DINO batches: {'global_crops': (b, 2, G, G, 3), 'local_crops': (b, L, l, l, 3)}
-    float32; with ``data_cfg.device_augment`` uint8 crops plus 'global_aug' / 'local_aug'
+    float32; with ``data_cfg.device_augment`` uint8 crops (width first) plus 'global_aug' / 'local_aug'
     (their photometric decisions, see :mod:`dino_jax.device_augment`)."""
 
     def __init__(self, data_cfg, global_batch_size: int, seed: int, start_step: int = 0,
