@@ -442,8 +442,6 @@ def multi_crop(image_uint8, seed, cfg: MultiCropConfig, xla: bool = True, until:
     for g, (name, n, size, scale, blur_p, solarize_p) in enumerate(groups):
         params = sample_crop_params(_fold(seed, g), n, h, w, scale, cfg, blur_p=blur_p, solarize_p=solarize_p)
         if until == "device":
-            # Width first, as the resize leaves them: the accelerator swaps the axes back
-            # (dino_jax.device_augment), which saves the host a float transpose of every crop.
             crops = render_crops(image, params, size, cfg, xla, until="resize")        # (n, W, H, 3)
             out[name + "_crops"] = tf.cast(tf.round(tf.clip_by_value(crops, 0.0, 255.0)), tf.uint8)
             out[name + "_aug"] = {k: v for k, v in params.items() if k != "box"}
