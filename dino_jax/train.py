@@ -326,6 +326,23 @@ def _guarded(step_fn, halt_on_nonfinite: bool) -> Callable:
     return guarded
 
 
+# XLA:CPU's cse_barrier_expander pass deletes every optimization_barrier before
+# fusion, so the barriers that keep the head's weight-norm weights and the
+# residual-stream gradients materialised (models/head.py, models/vit.py) never
+# reached the CPU backend, which then fused the norm into the 65,536-wide head
+# matmul (recomputed per tile) and duplicated the gradient add chains into every
+# consumer. Skipping the pass for this one program keeps them: ViT-S/16
+# multi-crop step 15.1 -> 11.4 s on 2 AVX2 cores, same loss bits
+# (benchmarks/README.md). Per jit, not XLA_FLAGS: other programs and backends are
+# left alone.
+CPU_STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def step_compiler_options(platform: str) -> dict | None:
+    """XLA compiler options of the train step on ``platform`` (None: XLA's defaults)."""
+    return dict(CPU_STEP_COMPILER_OPTIONS) if platform == "cpu" else None
+
+
 def make_train_step(config, mesh=None, state_sharding: TrainState | None = None, models=None,
                     optimizer=None, donate: bool = True, schedule: dict | None = None,
                     halt_on_nonfinite: bool = True) -> Callable:
@@ -356,9 +373,11 @@ def make_train_step(config, mesh=None, state_sharding: TrainState | None = None,
     before tracing.
     """
     donate_argnums = (0,) if donate else ()
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    opts = step_compiler_options(platform)
     if mesh is None:
         fn = _guarded(make_train_step_fn(config, models, optimizer), halt_on_nonfinite)
-        jitted = jax.jit(fn, donate_argnums=donate_argnums)
+        jitted = jax.jit(fn, donate_argnums=donate_argnums, compiler_options=opts)
         repl = None
     else:
         bsh = sharding.batch_sharding(mesh)
@@ -366,7 +385,7 @@ def make_train_step(config, mesh=None, state_sharding: TrainState | None = None,
         fn = _guarded(make_train_step_fn(config, models, optimizer, batch_sharding=bsh), halt_on_nonfinite)
         st_sh = state_sharding if state_sharding is not None else repl
         jitted = jax.jit(fn, in_shardings=(st_sh, bsh, repl, repl), out_shardings=(st_sh, repl, repl),
-                         donate_argnums=donate_argnums)
+                         donate_argnums=donate_argnums, compiler_options=opts)
 
     def put(tree):
         return jax.device_put(tree, repl) if repl is not None else jax.device_put(tree)

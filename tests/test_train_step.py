@@ -265,3 +265,17 @@ def test_guard_and_accumulator_over_an_interval_with_a_nonfinite_step(halt):
         moved = [not np.array_equal(a, b) for a, b in zip(leaves(state.student), leaves(after1.student))]
         assert any(moved)
         assert all(np.all(np.isfinite(a)) for a in leaves(state) if a.dtype.kind == "f")
+
+
+def test_cpu_step_keeps_its_optimization_barriers():
+    """The barriers that keep the head's weight-norm weights and the residual-stream
+    gradients materialised reach the compiled CPU program (train.step_compiler_options):
+    XLA:CPU's cse_barrier_expander would delete all of them before fusion (then the
+    weight norm is fused into, and recomputed by, every tile of the head matmul).
+    Expected at least one per student block input gradient plus one per head."""
+    depth = 2
+    config = _tiny_config(model=dict(depth=depth))
+    assert train.step_compiler_options("cpu") and train.step_compiler_options("tpu") is None
+    step = train.make_train_step(config, schedule=schedules.build_schedules(config, 1), donate=False)
+    hlo = step.lower(train.create_train_state(config), _Views()()).compile().as_text()
+    assert hlo.count(" opt-barrier(") >= depth + 2, hlo.count(" opt-barrier(")

@@ -41,6 +41,8 @@ class WeightNormDense(nn.Module):
         w = v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=0, keepdims=True)))
         # Materialise w: XLA:CPU otherwise fused the norm's reduction into the
         # (B, K) matmul and recomputed it per tile (7 s of a ViT-S/16 step at K=65536).
+        # XLA:CPU deletes barriers unless its cse_barrier_expander pass is skipped,
+        # as the train step does (train.step_compiler_options).
         w = jax.lax.optimization_barrier(w)
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
 

@@ -140,7 +140,9 @@ def materialize_cotangent(x):
     adds over all later blocks; XLA:CPU fused (duplicated) that chain into every
     consumer, recomputing it per block: O(depth^2) work, 48% of a ViT-S/16 CPU
     step (jax 0.10.2). Materialising it once per block removes that; the values
-    are unchanged (same operations, same order)."""
+    are unchanged (same operations, same order). XLA:CPU keeps the barrier only
+    when its cse_barrier_expander pass is skipped, as the train step does
+    (train.step_compiler_options)."""
     return x
 
 
