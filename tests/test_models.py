@@ -3,6 +3,8 @@
 Tolerance: max relative error (max|a-e| / max|e|) under 1e-4 in float32, as the
 foundation issue states; measured here ~3e-7.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,3 +165,25 @@ def test_builders_match_official_dims():
             m = fn(patch_size=p)
             assert (m.embed_dim, m.num_heads, m.depth, m.patch_size) == (d, h, 12, p)
             assert vit.build_backbone(vit.model_config(m)) == m
+
+
+def test_gelu_matches_torch_gelu_and_its_gradient():
+    """vit.gelu (erf form, hand-written backward) equals torch.nn.GELU() forward and
+    backward, and jax.nn.gelu(approximate=False), to float32 rounding: 2e-6 absolute
+    on x in [-12, 12] (|gelu| <= 12; torch's CPU kernel uses the same erf formula)."""
+    torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
+    x = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(0).normal(0, 3, 4000)]).astype(np.float32)
+    g = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    y, vjp = jax.vjp(vit.gelu, jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.gelu(xt)
+    yt.backward(torch.tensor(g))
+    np.testing.assert_allclose(np.asarray(y), yt.detach().numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy(), rtol=0, atol=2e-6)
+    y_ref, vjp_ref = jax.vjp(lambda v: jax.nn.gelu(v, approximate=False), jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(vjp_ref(jnp.asarray(g))[0]), rtol=0, atol=2e-6)
+    # a wrong backward (e.g. the cdf alone, missing x * pdf) is off by up to ~0.17 * |g|
+    cdf_only = g * 0.5 * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
+    assert np.max(np.abs(np.asarray(dx) - cdf_only)) > 0.1

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dino_jax.models.vit import torch_default_uniform_init, trunc_normal_init
+from dino_jax.models.vit import gelu, torch_default_uniform_init, trunc_normal_init
 
 Dtype = Any
 
@@ -66,7 +66,7 @@ class DINOHead(nn.Module):
                          kernel_init=trunc_normal_init(0.02), bias_init=nn.initializers.zeros,
                          name=f"mlp_{i}")(x)
             if i < len(dims) - 1:
-                x = nn.gelu(x, approximate=False)
+                x = gelu(x)
         x = l2_normalize(x.astype(jnp.float32))
         return WeightNormDense(self.out_dim, self.dtype, name="last_layer")(x)
 
