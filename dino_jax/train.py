@@ -332,7 +332,7 @@ def _guarded(step_fn, halt_on_nonfinite: bool) -> Callable:
 # reached the CPU backend, which then fused the norm into the 65,536-wide head
 # matmul (recomputed per tile) and duplicated the gradient add chains into every
 # consumer. Skipping the pass for this one program keeps them: ViT-S/16
-# multi-crop step 15.1 -> 11.4 s on 2 AVX2 cores, same loss bits
+# multi-crop step 8.1 -> 4.1 s on 2 AVX-512 cores (15.1 -> 11.4 on AVX2), same loss
 # (benchmarks/README.md). Per jit, not XLA_FLAGS: other programs and backends are
 # left alone.
 CPU_STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
