@@ -187,3 +187,29 @@ def test_gelu_matches_torch_gelu_and_its_gradient():
     # a wrong backward (e.g. the cdf alone, missing x * pdf) is off by up to ~0.17 * |g|
     cdf_only = g * 0.5 * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
     assert np.max(np.abs(np.asarray(dx) - cdf_only)) > 0.1
+
+
+@pytest.mark.parametrize("d_in,d_out", [(24, 96), (96, 24), (32, 32)])
+def test_linear_gradient_equals_jax_rule_and_transposes_the_narrower_operand(d_in, d_out):
+    """vit.linear (nn.Dense's matmul) gives the value and gradients of the plain
+    ``x @ w`` to float32 rounding (float64 numpy as the judge: 1e-5 relative of the
+    largest entry), and its weight gradient contracts the token axis with the narrower
+    of x and g as the transposed (left) operand: XLA:CPU copies that operand to the
+    (features, tokens) layout, so the wider one would cost 4x the bytes at fc2."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 50, d_in)).astype(np.float32)
+    w = rng.normal(size=(d_in, d_out)).astype(np.float32) / np.sqrt(d_in)
+    g = rng.normal(size=(4, 50, d_out)).astype(np.float32)
+    y, vjp = jax.vjp(vit.linear, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
+    for got, want in [(y, x64 @ w64), (dx, g64 @ w64.T),
+                      (dw, x64.reshape(-1, d_in).T @ g64.reshape(-1, d_out))]:
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # the weight-gradient dot: the one contracting all 200 tokens (axis 0 of both operands)
+    jaxpr = jax.make_jaxpr(lambda a, b, c: jax.vjp(vit.linear, a, b)[1](c))(x, w, g)
+    wdots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"
+             and e.params["dimension_numbers"][0] == ((0,), (0,))]
+    assert len(wdots) == 1, jaxpr
+    assert wdots[0].invars[0].aval.shape == (200, min(d_in, d_out))

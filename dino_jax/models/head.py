@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dino_jax.models.vit import gelu, torch_default_uniform_init, trunc_normal_init
+from dino_jax.models.vit import dense, gelu, torch_default_uniform_init
 
 Dtype = Any
 
@@ -62,9 +62,7 @@ class DINOHead(nn.Module):
             [self.hidden_dim] * (nlayers - 1) + [self.bottleneck_dim])
         x = x.astype(self.dtype)
         for i, d in enumerate(dims):
-            x = nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32,
-                         kernel_init=trunc_normal_init(0.02), bias_init=nn.initializers.zeros,
-                         name=f"mlp_{i}")(x)
+            x = dense(d, f"mlp_{i}", self.dtype)(x)
             if i < len(dims) - 1:
                 x = gelu(x)
         x = l2_normalize(x.astype(jnp.float32))
