@@ -12,7 +12,7 @@ import pytest
 
 from dino_jax import convert
 from dino_jax.models import vit
-from dino_jax.models.head import DINOHead, frozen_weight_g_mask
+from dino_jax.models.head import DINOHead, frozen_weight_g_mask, weight_norm
 from official_fixtures import cases, group, load, max_rel_err
 
 TOL = 1e-4
@@ -213,3 +213,26 @@ def test_linear_gradient_equals_jax_rule_and_transposes_the_narrower_operand(d_i
              and e.params["dimension_numbers"][0] == ((0,), (0,))]
     assert len(wdots) == 1, jaxpr
     assert wdots[0].invars[0].aval.shape == (200, min(d_in, d_out))
+
+
+def test_weight_norm_matches_torch_weight_norm_and_its_gradient():
+    """head.weight_norm (column sums as products, hand-written backward) equals torch's own
+    weight-norm kernel (``torch._weight_norm(v, g, dim=0)`` on torch's (out, in) layout,
+    float64 autograd) in value and both gradients, to 1e-6 of the largest entry."""
+    torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(64, 300)).astype(np.float32)
+    g = (1 + 0.3 * rng.normal(size=(1, 300))).astype(np.float32)
+    dw = rng.normal(size=(64, 300)).astype(np.float32)
+    w, vjp = jax.vjp(weight_norm, jnp.asarray(v), jnp.asarray(g))
+    dv, dg = vjp(jnp.asarray(dw))
+    vt = torch.tensor(v.T, dtype=torch.float64, requires_grad=True)
+    gt = torch.tensor(g.T, dtype=torch.float64, requires_grad=True)
+    wt = torch._weight_norm(vt, gt, 0)
+    (wt * torch.tensor(dw.T, dtype=torch.float64)).sum().backward()
+    for got, want in [(w, wt.detach().numpy().T), (dv, vt.grad.numpy().T), (dg, gt.grad.numpy().T)]:
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6 * np.abs(want).max())
+    # without the projection term (-v s t / n^2) the v-gradient is off by far more
+    s = g / np.sqrt((v.astype(np.float64) ** 2).sum(0, keepdims=True))
+    assert np.abs(s * dw - vt.grad.numpy().T).max() > 0.1 * np.abs(vt.grad.numpy()).max()
