@@ -207,12 +207,16 @@ def test_linear_gradient_equals_jax_rule_and_transposes_the_narrower_operand(d_i
                       (dw, x64.reshape(-1, d_in).T @ g64.reshape(-1, d_out))]:
         assert got.shape == want.shape and got.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
-    # the weight-gradient dot: the one contracting all 200 tokens (axis 0 of both operands)
-    jaxpr = jax.make_jaxpr(lambda a, b, c: jax.vjp(vit.linear, a, b)[1](c))(x, w, g)
-    wdots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"
-             and e.params["dimension_numbers"][0] == ((0,), (0,))]
-    assert len(wdots) == 1, jaxpr
-    assert wdots[0].invars[0].aval.shape == (200, min(d_in, d_out))
+    # the weight-gradient dot in both lowerings (CPU: (batch, token) axes merged first;
+    # other platforms: contracted in place, since on TPU the merge copies the activation)
+    for flatten, lead in [(True, (200,)), (False, (4, 50))]:
+        jaxpr = jax.make_jaxpr(lambda a, c: vit._weight_grad(a, c, flatten))(x, g)
+        dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+        assert len(dots) == 1, jaxpr
+        assert dots[0].invars[0].aval.shape == lead + (min(d_in, d_out),)
+        assert dots[0].params["dimension_numbers"][0] == (tuple(range(len(lead))),) * 2
+        assert any(e.primitive.name == "reshape" for e in jaxpr.jaxpr.eqns) == flatten
+        assert jaxpr.out_avals[0].shape == (d_in, d_out)
 
 
 def test_weight_norm_matches_torch_weight_norm_and_its_gradient():
