@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from functools import lru_cache
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -74,7 +73,7 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
     return np.stack([far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)], axis=-1)
 
 
-@lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def bicubic_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
     """(out_size, in_size) matrix of ``upsample_bicubic2d`` along one axis with
     ``align_corners=False`` and an explicit scale factor: source coordinate
