@@ -240,3 +240,58 @@ def test_weight_norm_matches_torch_weight_norm_and_its_gradient():
     # without the projection term (-v s t / n^2) the v-gradient is off by far more
     s = g / np.sqrt((v.astype(np.float64) ** 2).sum(0, keepdims=True))
     assert np.abs(s * dw - vt.grad.numpy().T).max() > 0.1 * np.abs(vt.grad.numpy()).max()
+
+
+def _official_attention_core(qkv, num_heads):
+    """The official Attention.forward between qkv and proj, in torch (float64 autograd)."""
+    b, n, c3 = qkv.shape
+    c = c3 // 3
+    t = qkv.reshape(b, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = t[0], t[1], t[2]
+    attn = ((q @ k.transpose(-2, -1)) * (c // num_heads) ** -0.5).softmax(dim=-1)
+    return (attn @ v).transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("num_heads,hd", [(3, 32), (2, 64)])
+def test_attention_core_matches_official_and_its_gradient(num_heads, hd):
+    """vit.attention (folded-head layout, hand-written backward) equals the official
+    module's attention in float64 torch autograd, value and gradient, to 1e-5 of the
+    largest entry; in bfloat16 it equals JAX's autodiff of the same casts to bf16
+    rounding (2e-2). hd=32 has a scale that is not a power of two (order matters)."""
+    torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
+    rng = np.random.default_rng(0)
+    b, n, c = 3, 17, num_heads * hd
+    qkv = (2 * rng.normal(size=(b, n, 3 * c))).astype(np.float32)
+    g = rng.normal(size=(b, n, c)).astype(np.float32)
+    out, vjp = jax.vjp(lambda a: vit.attention(a, num_heads), jnp.asarray(qkv))
+    (dqkv,) = vjp(jnp.asarray(g))
+    qt = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
+    ot = _official_attention_core(qt, num_heads)
+    (ot * torch.tensor(g, dtype=torch.float64)).sum().backward()
+    for got, want in [(out, ot.detach().numpy()), (dqkv, qt.grad.numpy())]:
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # a backward that forgets the softmax's row term (-sum(dp * p)) is far off
+    q, k, v = vit._split_heads(jnp.asarray(qkv), num_heads)
+    p = vit._attention_probs(q, k)
+    go = jnp.asarray(g).reshape(b, n, num_heads, hd).transpose(0, 2, 1, 3)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", go, v)
+    dq_wrong = jnp.einsum("bhqk,bhkd->bhqd", p * dp * hd ** -0.5, k)
+    dq = np.asarray(dqkv).reshape(b, n, 3, num_heads, hd)[:, :, 0].transpose(0, 2, 1, 3)
+    assert np.abs(np.asarray(dq_wrong) - dq).max() > 0.1 * np.abs(dq).max()
+
+    def autodiff_ref(a):  # the module's previous formulation, JAX's own transpose rules
+        t = a.reshape(b, n, 3, num_heads, hd)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", t[:, :, 0], t[:, :, 1]) * hd ** -0.5
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", attn.astype(a.dtype), t[:, :, 2]).reshape(b, n, c)
+
+    x16, g16 = jnp.asarray(qkv, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16)
+    for fn in (autodiff_ref, lambda a: vit.attention(a, num_heads)):
+        o16, vjp16 = jax.vjp(fn, x16)
+        assert o16.dtype == jnp.bfloat16 and vjp16(g16)[0].dtype == jnp.bfloat16
+    o_ref, vjp_ref = jax.vjp(autodiff_ref, x16)
+    o_new, vjp_new = jax.vjp(lambda a: vit.attention(a, num_heads), x16)
+    for got, want in [(o_new, o_ref), (vjp_new(g16)[0], vjp_ref(g16)[0])]:
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())

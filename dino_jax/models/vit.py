@@ -255,6 +255,60 @@ class DropPath(nn.Module):
         return x / keep * mask
 
 
+def _split_heads(qkv, num_heads: int):
+    """(B, N, 3C) -> q, k, v of shape (B, H, N, hd): the official reshape and permute."""
+    b, n, c3 = qkv.shape
+    t = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads)).transpose(2, 0, 3, 1, 4)
+    return t[0], t[1], t[2]
+
+
+def _attention_probs(q, k):
+    """softmax(q k^T * hd^-0.5) in float32, the official op order (product, then scale)."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attention(qkv, num_heads: int):
+    """Multi-head self-attention core: ``qkv`` (B, N, 3C) -> (B, N, C), before ``proj``.
+
+    The official module's forward (reshape, permute to (3, B, H, N, hd), ``q @ k^T *
+    scale``, float32 softmax, ``@ v``, heads back to channels) with a hand-written
+    backward that stays in the (B, H, N, hd) layout and returns the gradient already
+    in qkv's layout. JAX's own transpose of the products re-derives each operand's
+    layout and XLA:CPU copies them into and out of (B, N, H, hd) for every batched
+    product (``transpose_copy`` fusions); here there is one copy in and one out. The
+    same products and sums as autodiff (values to float32 rounding:
+    tests/test_models.py)."""
+    return _attention_fwd(qkv, num_heads)[0]
+
+
+def _attention_fwd(qkv, num_heads: int):
+    b, n, _ = qkv.shape
+    q, k, v = _split_heads(qkv, num_heads)
+    p = _attention_probs(q, k)
+    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v)
+    return o.transpose(0, 2, 1, 3).reshape(b, n, -1), (q, k, v, p)
+
+
+def _attention_bwd(num_heads: int, res, g):
+    q, k, v, p = res
+    b, h, n, hd = q.shape
+    go = g.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
+    pc = p.astype(v.dtype)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", pc, go)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", go, v).astype(jnp.float32)
+    # softmax backward, then the cast and the scale of the logits
+    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
+    d = jnp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4)  # (B, N, 3, H, hd)
+    return (d.reshape(b, n, 3 * h * hd),)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class Attention(nn.Module):
     dim: int
     num_heads: int
@@ -267,16 +321,16 @@ class Attention(nn.Module):
         b, n, c = x.shape
         hd = c // self.num_heads
         qkv = dense(3 * c, "qkv", self.dtype, self.qkv_bias)(x)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
-        scale = hd ** -0.5
-        if self.fused and not return_attention:
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale)
-            attn = None
+        attn = None
+        if return_attention:
+            q, k, v = _split_heads(qkv, self.num_heads)
+            attn = _attention_probs(q, k)
+            out = jnp.einsum("bhqk,bhkd->bqhd", attn.astype(self.dtype), v)
+        elif self.fused:
+            q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, hd), 2, 0)
+            out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5)
         else:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v)
+            out = attention(qkv, self.num_heads)
         out = dense(c, "proj", self.dtype)(out.reshape(b, n, c))
         return out, attn
 
