@@ -295,3 +295,33 @@ def test_attention_core_matches_official_and_its_gradient(num_heads, hd):
     for got, want in [(o_new, o_ref), (vjp_new(g16)[0], vjp_ref(g16)[0])]:
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_cls_feature_computes_only_the_cls_row_of_the_last_block(remat):
+    """__call__ (last block on the CLS row alone) equals get_tokens(x)[:, 0] (all rows)
+    in value and parameter gradient, in training with drop path (same per-sample masks)
+    and in eval, to float32 rounding (1e-5 of the largest entry per leaf), and its
+    lowering has no full-width MLP in the last block (fc1 sees B x 1 rows)."""
+    m = vit.VisionTransformer(patch_size=4, embed_dim=48, depth=3, num_heads=3, img_size=16,
+                              drop_path_rate=0.3, remat=remat)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+    variables = m.init(jax.random.PRNGKey(1), x)
+    w = jax.random.normal(jax.random.PRNGKey(2), (4, 48))
+    for train in (False, True):
+        rngs = {"drop_path": jax.random.PRNGKey(3)}
+
+        def loss(p, method=None):
+            out = m.apply(p, x, train, rngs=rngs) if method is None else \
+                m.apply(p, x, train, method="get_tokens", rngs=rngs)[:, 0]
+            return (out * w).sum(), out
+
+        (_, a), ga = jax.value_and_grad(loss, has_aux=True)(variables)
+        (_, b), gb = jax.value_and_grad(lambda p: loss(p, "tokens"), has_aux=True)(variables)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(b).max())
+        for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=1e-5 * np.abs(v).max())
+        if train:  # drop path really dropped something: the eval output differs
+            assert np.abs(np.asarray(a) - np.asarray(m.apply(variables, x))).max() > 1e-3
+    hlo = jax.jit(lambda p: m.apply(p, x)).lower(variables).as_text()
+    assert "tensor<4x1x192xf32>" in hlo and "tensor<4x17x192xf32>" in hlo  # fc1: last block, others
