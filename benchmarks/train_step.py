@@ -24,7 +24,8 @@ timing runs from the first log step, after compilation, to the last step,
 before the final save) and prints both rates and their ratio. ``--repeats R``
 interleaves R bare/loop pairs and reports medians (a persistent compilation
 cache in a temporary folder keeps the repeats from recompiling).
-FLOPs per image count the recipe: student forward+backward (3x forward) on all
+FLOPs per image count the recipe as computed (the last block on the CLS row:
+``vit_forward_flops``): student forward+backward (3x forward) on all
 crops and the teacher forward on the 2 global crops, heads included. MFU is
 against the device's dense peak for the compute dtype (``--peak_tflops`` to
 override). The XLA cost-analysis FLOPs are printed beside the analytic count.
@@ -69,10 +70,14 @@ def load_config(path):
 
 
 def vit_forward_flops(tokens: int, dim: int, depth: int, mlp_ratio: float, patch: int, chans: int = 3):
-    """Multiply-adds x 2 of one ViT forward on one image of ``tokens`` (CLS included)."""
-    per_block = 2 * tokens * dim * (3 * dim + dim + 2 * mlp_ratio * dim) + 4 * tokens * tokens * dim
+    """Multiply-adds x 2 of one ViT CLS-feature forward on one image of ``tokens`` (CLS
+    included), as ``VisionTransformer.__call__`` computes it: full blocks, then the last
+    block's qkv on every token and its attention row, projection and MLP on CLS alone."""
+    def block(rows):  # rows: the query rows (tokens, or 1 for CLS), keys over all tokens
+        return (2 * tokens * dim * 3 * dim + 2 * rows * dim * (dim + 2 * mlp_ratio * dim)
+                + 4 * rows * tokens * dim)
     patch_embed = 2 * (tokens - 1) * chans * patch * patch * dim
-    return depth * per_block + patch_embed
+    return (depth - 1) * block(tokens) + block(1) + patch_embed
 
 
 def head_flops(dim, hidden, bottleneck, out_dim, nlayers=3):

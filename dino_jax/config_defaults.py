@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
                                       # configs' default). Official default is fp16 autocast; float32 is
                                       # the exact reference (quickstart, tests).
     c.model.fused_attention = False   # deviation: jax.nn.dot_product_attention (cuDNN flash on GPU)
-    c.model.remat = False             # rematerialise blocks: less memory, ~30% more compute
+    c.model.remat = False             # rematerialise blocks (all but the last): less memory, ~30% more compute
 
     # ---------------- objective ----------------
     c.momentum_teacher = 0.996        # EMA base, cosine to 1; use 0.9995 for batch 256

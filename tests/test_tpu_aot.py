@@ -22,7 +22,7 @@ from dino_jax.config_defaults import base_config
 def get_config():
     c = base_config()
     c.model.arch = "custom"
-    c.model.embed_dim, c.model.depth, c.model.num_heads = 64, 1, 2
+    c.model.embed_dim, c.model.depth, c.model.num_heads = 64, 2, 2  # a full block and the CLS-only last one
     c.model.patch_size, c.model.img_size = 8, 32
     c.model.out_dim, c.model.head_hidden_dim, c.model.head_bottleneck_dim = 256, 128, 32
     c.data.global_crop_size, c.data.local_crop_size, c.data.num_local_crops = 32, 16, 2

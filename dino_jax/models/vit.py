@@ -403,7 +403,7 @@ class VisionTransformer(nn.Module):
     in_chans: int = 3
     dtype: Dtype = jnp.float32
     fused_attention: bool = False  # deviation switch: cuDNN/XLA fused attention kernel
-    remat: bool = False  # rematerialise each block in the backward pass (memory for compute)
+    remat: bool = False  # rematerialise each block but the last in the backward pass (memory for compute)
 
     def setup(self):
         p = self.patch_size
