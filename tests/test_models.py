@@ -189,6 +189,46 @@ def test_gelu_matches_torch_gelu_and_its_gradient():
     assert np.max(np.abs(np.asarray(dx) - cdf_only)) > 0.1
 
 
+def test_layer_norm_matches_torch_layer_norm_and_its_gradient():
+    """vit.layer_norm (row means as matrix-vector products on CPU, closed-form backward)
+    equals torch.nn.functional.layer_norm in float64 autograd, value and the gradients
+    of x, scale and bias, to 1e-5 of the largest entry (rows with a large mean, where
+    E[x^2] - mean^2 would lose digits); with a bfloat16 input it equals
+    flax.linen.LayerNorm (use_fast_variance=False, JAX's autodiff) to bf16 rounding."""
+    torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
+    import flax.linen as nn
+    rng = np.random.default_rng(0)
+    b, n, d = 3, 11, 48
+    x = (20 + 3 * rng.normal(size=(b, n, d))).astype(np.float32)
+    scale = (1 + 0.3 * rng.normal(size=d)).astype(np.float32)
+    bias = (0.2 * rng.normal(size=d)).astype(np.float32)
+    g = rng.normal(size=(b, n, d)).astype(np.float32)
+    args = [jnp.asarray(a) for a in (x, scale, bias)]
+    out, vjp = jax.vjp(lambda *a: vit.layer_norm(*a, 1e-6), *args)
+    grads = vjp(jnp.asarray(g))
+    ts = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, scale, bias)]
+    ot = torch.nn.functional.layer_norm(ts[0], (d,), ts[1], ts[2], 1e-6)
+    (ot * torch.tensor(g, dtype=torch.float64)).sum().backward()
+    for got, want in [(out, ot.detach().numpy())] + [(gr, t.grad.numpy()) for gr, t in zip(grads, ts)]:
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # the module: parameters named as nn.LayerNorm's, output in the compute dtype
+    ref = nn.LayerNorm(epsilon=1e-6, dtype=jnp.bfloat16, param_dtype=jnp.float32, use_fast_variance=False)
+    mod = vit.LayerNorm(1e-6, jnp.bfloat16)
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    params = {"params": {"scale": args[1], "bias": args[2]}}
+    assert jax.tree.map(jnp.shape, mod.init(jax.random.PRNGKey(0), x16)) == jax.tree.map(jnp.shape, params)
+    o_ref, vjp_ref = jax.vjp(lambda p, v: ref.apply(p, v), params, x16)
+    o_new, vjp_new = jax.vjp(lambda p, v: mod.apply(p, v), params, x16)
+    assert o_new.dtype == jnp.bfloat16
+    g16 = jnp.asarray(g, jnp.bfloat16)
+    pairs = [(o_new, o_ref)] + list(zip(jax.tree.leaves(vjp_new(g16)), jax.tree.leaves(vjp_ref(g16))))
+    for got, want in pairs:
+        assert got.dtype == want.dtype
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("d_in,d_out", [(24, 96), (96, 24), (32, 32)])
 def test_linear_gradient_equals_jax_rule_and_transposes_the_narrower_operand(d_in, d_out):
     """vit.linear (nn.Dense's matmul) gives the value and gradients of the plain

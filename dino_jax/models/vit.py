@@ -181,10 +181,76 @@ def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.D
                     precision=None, dot_general=_linear_dot_general, name=name)
 
 
-def _layer_norm(name: str, eps: float, dtype: Dtype) -> nn.LayerNorm:
-    # use_fast_variance=False: E[(x-mean)^2] as PyTorch, not E[x^2]-mean^2.
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
+def _row_mean(x):
+    """Mean over the last axis, keeping it (float32 ``x``).
+
+    On XLA:CPU as a matrix-vector product with a ``1/D`` vector: its matmul library
+    then reads the rows once, where a reduction became a library fusion fed with
+    materialised (rows, D) broadcasts of the statistics: a nano block's LayerNorm
+    (12800 x 96) and the qkv matmul after it, forward and backward, 21.6 -> 10.4 ms;
+    the nano step 469 -> 451 ms (alternating runs, benchmarks/README.md). Elsewhere a plain mean (a float32 matmul on TPU would round its operands to
+    bfloat16). The two differ by float32 rounding (``1/D`` is inexact)."""
+    def product(x):
+        w = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                                   precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.platform_dependent(x, cpu=product,
+                                      default=lambda x: jnp.mean(x, -1, keepdims=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm over the last axis, as ``nn.LayerNorm(use_fast_variance=False)`` and
+    torch: statistics in float32, ``var = mean((x - mean)^2)``, ``(x - mean) *
+    (rsqrt(var + eps) * scale) + bias`` in float32, cast back to ``x.dtype``.
+
+    The backward is the closed form ``dx = rstd * (gs - mean(gs) - xhat * mean(gs *
+    xhat))`` with ``gs = g * scale``, from the saved input, mean and rstd: two row
+    means and two column sums where autodiff differentiated each step of the forward
+    (values agree to float32 rounding; tests/test_models.py)."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    mean = _row_mean(x32)
+    xc = x32 - mean
+    rstd = jax.lax.rsqrt(_row_mean(xc * xc) + eps)
+    y = xc * (rstd * scale) + bias
+    return y.astype(x.dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, res, g):
+    del eps
+    x, mean, rstd, scale = res
+    g = g.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    gs = g * scale
+    dx = rstd * (gs - _row_mean(gs) - xhat * _row_mean(gs * xhat))
+    lead = tuple(range(x.ndim - 1))
+    return dx.astype(x.dtype), jnp.sum(g * xhat, lead), jnp.sum(g, lead)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """The official ``nn.LayerNorm(D, eps)``: float32 ``scale`` (ones) and ``bias``
+    (zeros), the parameters ``nn.LayerNorm`` has (checkpoints are unchanged), computed
+    by :func:`layer_norm`; output in ``dtype``."""
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        return layer_norm(x, scale, bias, self.eps).astype(self.dtype)
+
+
+def _layer_norm(name: str, eps: float, dtype: Dtype) -> LayerNorm:
+    return LayerNorm(eps, dtype, name=name)
 
 
 @jax.custom_vjp
@@ -268,6 +334,20 @@ def _attention_probs(q, k):
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
+def _transposed_product(a, b):
+    """``a^T b`` per (batch, head): (B, H, Q, K), (B, H, Q, d) -> (B, H, K, d).
+
+    On XLA:CPU ``a`` is first transposed in memory (kept so by an optimisation
+    barrier: XLA would fold the transpose back into the product): its matmul library
+    takes row-major products only, and the transposed-operand product went to a slow
+    generic kernel (nano's 768 (50 x 50) x (50 x 32) products: the nano step 460 ->
+    446 ms, alternating runs). Elsewhere the plain product. Same products and sums."""
+    def copied(a, b):
+        return jnp.einsum("bhkq,bhqd->bhkd", jax.lax.optimization_barrier(jnp.swapaxes(a, 2, 3)), b)
+    return jax.lax.platform_dependent(a, b, cpu=copied,
+                                      default=lambda a, b: jnp.einsum("bhqk,bhqd->bhkd", a, b))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def attention(qkv, num_heads: int):
     """Multi-head self-attention core: ``qkv`` (B, N, 3C) -> (B, N, C), before ``proj``.
@@ -296,12 +376,12 @@ def _attention_bwd(num_heads: int, res, g):
     b, h, n, hd = q.shape
     go = g.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
     pc = p.astype(v.dtype)
-    dv = jnp.einsum("bhqk,bhqd->bhkd", pc, go)
+    dv = _transposed_product(pc, go)
     dp = jnp.einsum("bhqd,bhkd->bhqk", go, v).astype(jnp.float32)
     # softmax backward, then the cast and the scale of the logits
     ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
     dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
-    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
+    dk = _transposed_product(ds, q)
     d = jnp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4)  # (B, N, 3, H, hd)
     return (d.reshape(b, n, 3 * h * hd),)
 
