@@ -24,6 +24,9 @@ device arrays passed to the step and indexed with ``state.step`` on device.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import platform as host
 from typing import Any, Callable
 
 import flax
@@ -337,10 +340,37 @@ def _guarded(step_fn, halt_on_nonfinite: bool) -> Callable:
 # left alone.
 CPU_STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
+# Which of the step's work XLA:CPU hands to YNNPACK (x86-64): the reductions only
+# (LayerNorm statistics, softmax sums, bias gradients). jax 0.10's default also
+# gives it the matmuls, fused with the elementwise work around them, and those
+# fusions ran slower than XLA's own matmul thunks with separate loop fusions: the
+# nano step 478 -> 442 ms on 2 AVX-512 cores (alternating runs; no YNNPACK at all:
+# 550-567 ms, reductions and elementwise: 600-626 ms), ViT-S/16 unchanged
+# (benchmarks/README.md). Dropped, with one warning, where this jaxlib does not
+# accept it (the option is experimental).
+CPU_STEP_LIBRARY_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def _cpu_library_options() -> tuple:
+    if host.machine().lower() not in ("x86_64", "amd64"):
+        return ()
+    try:
+        x = jax.device_put(np.ones((2, 2), np.float32), jax.devices("cpu")[0])
+        jax.jit(lambda a: a @ a, compiler_options=CPU_STEP_LIBRARY_OPTIONS).lower(x).compile()
+    except Exception as e:  # an unknown option or enum value in another jaxlib
+        logging.warning("XLA:CPU library options %s not accepted by this jaxlib (%s); "
+                        "the train step uses XLA's defaults", sorted(CPU_STEP_LIBRARY_OPTIONS),
+                        str(e).splitlines()[0][:200])
+        return ()
+    return tuple(CPU_STEP_LIBRARY_OPTIONS.items())
+
 
 def step_compiler_options(platform: str) -> dict | None:
     """XLA compiler options of the train step on ``platform`` (None: XLA's defaults)."""
-    return dict(CPU_STEP_COMPILER_OPTIONS) if platform == "cpu" else None
+    if platform != "cpu":
+        return None
+    return {**CPU_STEP_COMPILER_OPTIONS, **dict(_cpu_library_options())}
 
 
 def make_train_step(config, mesh=None, state_sharding: TrainState | None = None, models=None,

@@ -19,6 +19,9 @@ percents with the last bits of g, which differ between CPUs (an AMD EPYC gave
 1.7e-4 on one fc2 entry with |g| = 5e-8 where an Intel machine passed).
 Every other entry is compared at 1e-4.
 """
+import platform
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -279,3 +282,15 @@ def test_cpu_step_keeps_its_optimization_barriers():
     step = train.make_train_step(config, schedule=schedules.build_schedules(config, 1), donate=False)
     hlo = step.lower(train.create_train_state(config), _Views()()).compile().as_text()
     assert hlo.count(" opt-barrier(") >= depth + 2, hlo.count(" opt-barrier(")
+    # On x86-64 YNNPACK gets the reductions only (with what XLA fuses into them): no
+    # YNNPACK fusion is rooted at a matmul (XLA's default builds those for every matmul
+    # and its elementwise neighbours), and plain matmul thunks remain.
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert train.step_compiler_options("cpu")["xla_cpu_experimental_ynn_fusion_type"] == \
+            "LIBRARY_FUSION_TYPE_REDUCE"
+        ynn = re.findall(r'calls=%?([\w.\-]+), .*"kind":"__ynn_fusion"', hlo)
+        assert ynn, "no YNNPACK fusion at all"
+        bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%([\w.\-]+) \(.*?\{\n(.*?)^\}", hlo, re.M | re.S)}
+        roots = [re.search(r"ROOT %\S+ = \S+ ([\w-]+)\(", bodies[c]).group(1) for c in ynn]
+        assert "reduce" in roots and "dot" not in roots, roots
+        assert re.search(r"= f32\[[\d,]+\]\{[\d,]+\} dot\(", hlo)
