@@ -353,6 +353,8 @@ CPU_STEP_LIBRARY_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUS
 
 @functools.cache
 def _cpu_library_options() -> tuple:
+    """``CPU_STEP_LIBRARY_OPTIONS`` as (key, value) pairs where this host and jaxlib
+    take them (x86-64, the option known: one tiny compile per process), else ()."""
     if host.machine().lower() not in ("x86_64", "amd64"):
         return ()
     try:
@@ -361,7 +363,7 @@ def _cpu_library_options() -> tuple:
     except Exception as e:  # an unknown option or enum value in another jaxlib
         logging.warning("XLA:CPU library options %s not accepted by this jaxlib (%s); "
                         "the train step uses XLA's defaults", sorted(CPU_STEP_LIBRARY_OPTIONS),
-                        str(e).splitlines()[0][:200])
+                        (str(e).splitlines() or [type(e).__name__])[0][:200])
         return ()
     return tuple(CPU_STEP_LIBRARY_OPTIONS.items())
 
