@@ -227,6 +227,11 @@ def test_layer_norm_matches_torch_layer_norm_and_its_gradient():
         assert got.dtype == want.dtype
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+    # a bf16 input with float32 compute dtype is normalised and rounded once, in float32
+    ref32 = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False)
+    got32, want32 = vit.LayerNorm(1e-6, jnp.float32).apply(params, x16), ref32.apply(params, x16)
+    assert got32.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got32), np.asarray(want32), rtol=0, atol=1e-5 * np.abs(want32).max())
 
 
 @pytest.mark.parametrize("d_in,d_out", [(24, 96), (96, 24), (32, 32)])

@@ -188,8 +188,9 @@ def _row_mean(x):
     then reads the rows once, where a reduction became a library fusion fed with
     materialised (rows, D) broadcasts of the statistics: a nano block's LayerNorm
     (12800 x 96) and the qkv matmul after it, forward and backward, 21.6 -> 10.4 ms;
-    the nano step 469 -> 451 ms (alternating runs, benchmarks/README.md). Elsewhere a plain mean (a float32 matmul on TPU would round its operands to
-    bfloat16). The two differ by float32 rounding (``1/D`` is inexact)."""
+    the nano step 469 -> 451 ms (alternating runs, benchmarks/README.md). Elsewhere a
+    plain mean (a float32 matmul on TPU would round its operands to bfloat16). The two
+    differ by float32 rounding (``1/D`` is inexact)."""
     def product(x):
         w = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
         return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
@@ -198,30 +199,31 @@ def _row_mean(x):
                                       default=lambda x: jnp.mean(x, -1, keepdims=True))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x, scale, bias, eps: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x, scale, bias, eps: float, dtype=None):
     """LayerNorm over the last axis, as ``nn.LayerNorm(use_fast_variance=False)`` and
     torch: statistics in float32, ``var = mean((x - mean)^2)``, ``(x - mean) *
-    (rsqrt(var + eps) * scale) + bias`` in float32, cast back to ``x.dtype``.
+    (rsqrt(var + eps) * scale) + bias`` in float32, cast once to ``dtype`` (default
+    ``x.dtype``); the input gradient comes back in ``x.dtype``.
 
     The backward is the closed form ``dx = rstd * (gs - mean(gs) - xhat * mean(gs *
     xhat))`` with ``gs = g * scale``, from the saved input, mean and rstd: two row
     means and two column sums where autodiff differentiated each step of the forward
     (values agree to float32 rounding; tests/test_models.py)."""
-    return _layer_norm_fwd(x, scale, bias, eps)[0]
+    return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
 
 
-def _layer_norm_fwd(x, scale, bias, eps):
+def _layer_norm_fwd(x, scale, bias, eps, dtype):
     x32 = x.astype(jnp.float32)
     mean = _row_mean(x32)
     xc = x32 - mean
     rstd = jax.lax.rsqrt(_row_mean(xc * xc) + eps)
     y = xc * (rstd * scale) + bias
-    return y.astype(x.dtype), (x, mean, rstd, scale)
+    return y.astype(dtype or x.dtype), (x, mean, rstd, scale)
 
 
-def _layer_norm_bwd(eps, res, g):
-    del eps
+def _layer_norm_bwd(eps, dtype, res, g):
+    del eps, dtype
     x, mean, rstd, scale = res
     g = g.astype(jnp.float32)
     xhat = (x.astype(jnp.float32) - mean) * rstd
@@ -246,7 +248,7 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-        return layer_norm(x, scale, bias, self.eps).astype(self.dtype)
+        return layer_norm(x, scale, bias, self.eps, jnp.dtype(self.dtype))
 
 
 def _layer_norm(name: str, eps: float, dtype: Dtype) -> LayerNorm:
