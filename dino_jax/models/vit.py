@@ -125,13 +125,14 @@ def linear(x, kernel):
     """``x @ kernel`` over the last axis of ``x`` (any leading axes), as ``nn.Dense`` computes.
 
     The backward chooses the weight gradient's operand order. ``dW = x^T g`` contracts
-    the token axis of both operands; XLA:CPU feeds its matmul library row-major
-    (M, K) x (K, N) operands only, so it materialises the left operand transposed,
-    and JAX's own transpose rule makes that ``x`` whatever its width. Here the
-    narrower of ``x`` and ``g`` is the one transposed (for fc2, ``g`` of width D
-    instead of ``x`` of width 4D; for qkv, ``x`` of width D instead of ``g`` of 3D):
-    the same products and sums, fewer bytes copied. Values agree with JAX's rule to
-    float32 rounding (tests/test_models.py)."""
+    the token axis of both operands; XLA:CPU's matmul library runs such a product at a
+    speed set by the width of its right operand (one core, 12,800 tokens: ~95 GFLOP/s
+    with 96 columns, 150-160 with 288 or more). So the narrower of ``x`` and ``g`` is
+    the left operand (for fc2, ``g`` of width D; for qkv and fc1, ``x`` of width D),
+    and where that is ``g`` the small (out, in) product is transposed afterwards,
+    behind an optimisation barrier on CPU: XLA folds a transpose of a dot back into
+    the dot by swapping its operands (fc2's weight gradient 10.1 -> 6.1 ms on one
+    core). Values agree with JAX's rule to float32 rounding (tests/test_models.py)."""
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
@@ -152,14 +153,17 @@ def _linear_bwd(res, g):
 
 
 def _weight_grad(x, g, flatten: bool):
-    """``x^T g`` over all leading axes, the narrower operand on the transposed side."""
+    """``x^T g`` over all leading axes, the narrower operand on the left (:func:`linear`)."""
     if flatten:
         x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     lead = tuple(range(x.ndim - 1))
     if x.shape[-1] <= g.shape[-1]:  # transpose x: dW = x^T g
         return jax.lax.dot_general(x, g, ((lead, lead), ((), ())))
     # transpose g: dW = (g^T x)^T, the (out, in) result is small
-    return jax.lax.dot_general(g, x, ((lead, lead), ((), ()))).T
+    product = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))
+    if flatten:  # keep XLA from folding the transpose back into the dot (operands swapped)
+        product = jax.lax.optimization_barrier(product)
+    return product.T
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
