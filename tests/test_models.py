@@ -6,6 +6,7 @@ foundation issue states; measured here ~3e-7.
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -268,6 +269,30 @@ def test_linear_gradient_equals_jax_rule_and_transposes_the_narrower_operand(d_i
                        compiler_options=train.step_compiler_options("cpu")).lower(x, g).compile()
     dot_shapes = re.findall(r"= f32\[(\d+),(\d+)\]\{1,0\} dot\(", compiled.as_text())
     assert dot_shapes == [(str(min(d_in, d_out)), str(max(d_in, d_out)))], dot_shapes
+
+
+def test_dense_equals_flax_dense_in_parameters_values_and_gradients():
+    """vit.Dense (the official Linear) keeps nn.Dense's parameter tree and initial values
+    (checkpoints and conversion depend on it) and its value and gradients (1e-6 of the
+    largest entry, float32); on CPU its bias gradient is a product with a ones vector
+    over the flattened cotangent, elsewhere a plain sum."""
+    x = jax.random.normal(jax.random.key(1), (4, 50, 24))
+    ours = vit.Dense(40, True, jnp.float32)
+    flax_dense = nn.Dense(40, param_dtype=jnp.float32, kernel_init=vit.trunc_normal_init(0.02))
+    params, flax_params = ours.init(jax.random.key(0), x), flax_dense.init(jax.random.key(0), x)
+    assert jax.tree.structure(params) == jax.tree.structure(flax_params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(flax_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    params = jax.tree.map(lambda t: t + 0.1, params)  # a nonzero bias
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(loss(flax_dense), argnums=(0, 1)))(params, x)
+    np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=0, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6 * np.abs(b).max())
+    bias_grad = jax.jit(lambda g: jax.vjp(vit.add_bias, g, jnp.zeros(40))[1](g)[1])
+    lowered = bias_grad.lower(jnp.ones((4, 50, 40))).as_text()  # this host: CPU
+    assert "stablehlo.dot_general" in lowered and "stablehlo.reduce" not in lowered, lowered
 
 
 def test_weight_norm_matches_torch_weight_norm_and_its_gradient():

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dino_jax.models.vit import dense, gelu, torch_default_uniform_init
+from dino_jax.models.vit import column_sums, dense, gelu, torch_default_uniform_init
 
 Dtype = Any
 
@@ -28,27 +28,16 @@ def l2_normalize(x, axis=-1, eps=1e-12):
     return x / jnp.maximum(norm, eps)
 
 
-def _column_sums(x):
-    """Sum over axis 0 of a 2-D array as ``ones @ x``, kept (1, n).
-
-    The same sums as ``jnp.sum(x, axis=0, keepdims=True)`` (bit-identical on XLA:CPU),
-    but XLA:CPU's column reduction of the (256, 65536) weight ran 68 ms where the
-    matrix product runs 9 ms: three such reductions (the teacher's norm, the
-    student's and its backward) took 345 ms of a 4.5 s ViT-S/16 step.
-    ``Precision.HIGHEST`` keeps float32 sums on TPU (its default f32 matmul is bf16)."""
-    return jnp.dot(jnp.ones((1, x.shape[0]), x.dtype), x, precision=jax.lax.Precision.HIGHEST)
-
-
 @jax.custom_vjp
 def weight_norm(v, g):
     """``v * (g / ||v||)`` with the norm over each column (PyTorch ``weight_norm``, dim=0
-    of torch's (out, in) weight), every reduction a :func:`_column_sums` product,
+    of torch's (out, in) weight), every reduction a :func:`column_sums` product,
     forward and backward."""
     return _weight_norm_fwd(v, g)[0]
 
 
 def _weight_norm_fwd(v, g):
-    n2 = _column_sums(jnp.square(v))
+    n2 = column_sums(jnp.square(v))
     s = g / jnp.sqrt(n2)
     return v * s, (v, s, n2)
 
@@ -56,7 +45,7 @@ def _weight_norm_fwd(v, g):
 def _weight_norm_bwd(res, dw):
     # w = v g / n: dv = s dw - v s t / n^2 and dg = t / n, with t = sum_i v_i dw_i.
     v, s, n2 = res
-    t = _column_sums(v * dw)
+    t = column_sums(v * dw)
     return s * dw - v * (s * t / n2), t / jnp.sqrt(n2)
 
 
