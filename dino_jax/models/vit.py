@@ -432,7 +432,10 @@ def _attention_bwd(num_heads: int, res, g):
     ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
     dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
     dk = _transposed_product(ds, q)
-    d = jnp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4)  # (B, N, 3, H, hd)
+    # (B, N, 3H, hd): each gradient moved to (B, N, H, hd), then joined on the head axis.
+    # XLA:CPU runs three 4-D transposes and a concatenation 4x faster than the 5-D
+    # transpose of their stack (nano's 12,800 rows: 5.1 -> 1.2 ms on one core).
+    d = jnp.concatenate([t.transpose(0, 2, 1, 3) for t in (dq, dk, dv)], axis=2)
     return (d.reshape(b, n, 3 * h * hd),)
 
 
