@@ -13,10 +13,13 @@ without this package.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
+import traceback
 
 import jax
 import numpy as np
@@ -140,6 +143,59 @@ def _unreadable_reason(err: Exception) -> str:
     return m.group(1) if m else type(err).__name__
 
 
+_NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
+class _SetAsideReadNoise(logging.Filter):
+    """Silences what the unfinished reads of a damaged, set-aside step print later.
+
+    A restore stops at its first failed read; Orbax's event loop then closes while
+    TensorStore still runs the step's other reads. When they end, each either fails
+    with nobody awaiting it (asyncio logs "... exception was never retrieved" with a
+    traceback) or calls back into the closed loop (``RuntimeError: Event loop is
+    closed`` through ``sys.unraisablehook``): hundreds of tracebacks after the one
+    line that reported the step (some arrive before the restore call returns). As a
+    filter on the ``asyncio`` logger this drops those records whose error names a
+    step folder being verified or set aside; as the unraisable hook (installed when
+    the first step is verified) it drops the closed-loop callbacks and passes
+    everything else to the hook it replaced."""
+
+    def __init__(self):
+        super().__init__()
+        self.step_dirs: set[str] = set()
+        self._previous_hook = None
+
+    def watch(self, step_dir: str):
+        self.step_dirs.add(step_dir.rstrip(os.sep) + os.sep)
+        asyncio_logger = logging.getLogger("asyncio")
+        if self not in asyncio_logger.filters:
+            asyncio_logger.addFilter(self)
+        if getattr(sys.unraisablehook, "__self__", None) is not self:
+            self._previous_hook = sys.unraisablehook
+            sys.unraisablehook = self.unraisable_hook
+
+    def unwatch(self, step_dir: str):
+        self.step_dirs.discard(step_dir.rstrip(os.sep) + os.sep)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.exc_info and record.exc_info[1] is not None
+                and record.getMessage().startswith(_NEVER_RETRIEVED)):
+            return True
+        text = str(record.exc_info[1])
+        return not any(d in text for d in self.step_dirs)
+
+    def unraisable_hook(self, unraisable):
+        err = unraisable.exc_value
+        if (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+                and any(f.name == "call_soon_threadsafe"
+                        for f in traceback.extract_tb(unraisable.exc_traceback))):
+            return
+        (self._previous_hook or sys.__unraisablehook__)(unraisable)
+
+
+_SET_ASIDE_READ_NOISE = _SetAsideReadNoise()
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager for training: async saves, the last ``keep`` plus every
     step multiple of ``keep_every``. Orbax writes each step to a temporary folder and
@@ -173,6 +229,8 @@ class TrainCheckpointer:
         for step in steps:
             verbosity = absl_logging.get_verbosity()
             absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's warnings about the damage
+            step_dir = os.path.join(self.directory, str(int(step)))
+            _SET_ASIDE_READ_NOISE.watch(step_dir)
             try:
                 host, meta = self.restore(step, host=True)
             except Exception as e:  # noqa: BLE001 - any damage: TensorStore, JSON, missing files
@@ -184,6 +242,7 @@ class TrainCheckpointer:
                 continue
             finally:
                 absl_logging.set_verbosity(verbosity)
+            _SET_ASIDE_READ_NOISE.unwatch(step_dir)
             self._verified = (step, host, meta)
             return step
         if aside:
