@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dino_jax.models.vit import column_sums, dense, gelu, torch_default_uniform_init
+from dino_jax.models.vit import column_sums, dense, torch_default_uniform_init
 
 Dtype = Any
 
@@ -86,9 +86,7 @@ class DINOHead(nn.Module):
             [self.hidden_dim] * (nlayers - 1) + [self.bottleneck_dim])
         x = x.astype(self.dtype)
         for i, d in enumerate(dims):
-            x = dense(d, f"mlp_{i}", self.dtype)(x)
-            if i < len(dims) - 1:
-                x = gelu(x)
+            x = dense(d, f"mlp_{i}", self.dtype, gelu=i < len(dims) - 1)(x)
         x = l2_normalize(x.astype(jnp.float32))
         return WeightNormDense(self.out_dim, self.dtype, name="last_layer")(x)
 

@@ -196,14 +196,47 @@ def _add_bias_fwd(y, bias):
 
 
 def _add_bias_bwd(_, g):
+    return g, _sum_leading(g)
+
+
+def _sum_leading(g):
+    """``g`` summed over all axes but the last: on XLA:CPU a :func:`column_sums`
+    product over the flattened ``g`` (float32 sums), elsewhere a plain sum in place."""
     def flat(g):
         return column_sums(g.reshape(-1, g.shape[-1]).astype(jnp.float32))[0].astype(g.dtype)
 
-    db = jax.lax.platform_dependent(g, cpu=flat, default=lambda g: g.sum(tuple(range(g.ndim - 1))))
-    return g, db
+    return jax.lax.platform_dependent(g, cpu=flat, default=lambda g: g.sum(tuple(range(g.ndim - 1))))
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+@jax.custom_vjp
+def bias_gelu(h, bias):
+    """``gelu(h + bias)``: a Linear's bias and the GELU after it, as one operation.
+
+    The backward recomputes ``x = h + bias`` and the cdf from the saved matmul output
+    (on XLA:CPU behind an optimisation barrier, so XLA cannot share the forward's erf:
+    sharing it split the forward into an erf pass and a product pass and made the
+    backward read the stored erf), and the bias gradient is the sum of the input
+    gradient it returns. A nano MLP (12,800 rows) forward and backward 53.5 -> 50.3 ms
+    on one core. Same values as :func:`gelu` of :func:`add_bias` to float32 rounding
+    (tests/test_models.py)."""
+    return gelu(h + bias)
+
+
+def _bias_gelu_fwd(h, bias):
+    return bias_gelu(h, bias), (h, bias)
+
+
+def _bias_gelu_bwd(res, g):
+    h, bias = res
+    h = jax.lax.platform_dependent(h, cpu=jax.lax.optimization_barrier, default=lambda h: h)
+    dx = _gelu_bwd(h + bias, g)[0]
+    return dx, _sum_leading(dx)
+
+
+bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
 class Dense(nn.Module):
@@ -213,6 +246,7 @@ class Dense(nn.Module):
     features: int
     use_bias: bool = True
     dtype: Dtype = jnp.float32
+    gelu: bool = False  # the GELU that follows (MLP hidden layers), fused with the bias
 
     @nn.compact
     def __call__(self, x):
@@ -221,12 +255,13 @@ class Dense(nn.Module):
         y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-            y = add_bias(y, bias.astype(self.dtype))
-        return y
+            return (bias_gelu if self.gelu else add_bias)(y, bias.astype(self.dtype))
+        return gelu(y) if self.gelu else y
 
 
-def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> Dense:
-    return Dense(features, use_bias, dtype, name=name)
+def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True,
+          gelu: bool = False) -> Dense:
+    return Dense(features, use_bias, dtype, gelu, name=name)
 
 
 def _row_mean(x):
@@ -480,8 +515,7 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = dense(self.hidden, "fc1", self.dtype)(x)
-        x = gelu(x)
+        x = dense(self.hidden, "fc1", self.dtype, gelu=True)(x)
         return dense(self.dim, "fc2", self.dtype)(x)
 
 
