@@ -86,7 +86,7 @@ class DINOHead(nn.Module):
             [self.hidden_dim] * (nlayers - 1) + [self.bottleneck_dim])
         x = x.astype(self.dtype)
         for i, d in enumerate(dims):
-            x = dense(d, f"mlp_{i}", self.dtype, gelu=i < len(dims) - 1)(x)
+            x = dense(d, f"mlp_{i}", self.dtype, with_gelu=i < len(dims) - 1)(x)
         x = l2_normalize(x.astype(jnp.float32))
         return WeightNormDense(self.out_dim, self.dtype, name="last_layer")(x)
 

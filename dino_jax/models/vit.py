@@ -182,12 +182,9 @@ def column_sums(x):
 
 @jax.custom_vjp
 def add_bias(y, bias):
-    """``y + bias`` over the last axis. The bias gradient (the cotangent summed over all
-    leading axes) is a :func:`column_sums` product over the flattened cotangent on
-    XLA:CPU: there the sum of qkv's cotangent, a (B, N, 3, H, hd) transpose of the
-    attention gradients, had been a library reduction over a second transposed copy
-    made for it alone. Elsewhere a plain sum in place (a flattening reshape can be a
-    relayout copy on TPU)."""
+    """``y + bias`` over the last axis, its bias gradient by :func:`_sum_leading`. With
+    a plain sum XLA:CPU reduced qkv's cotangent (a (B, N, 3, H, hd) transpose of the
+    attention gradients) from a second transposed copy made for that sum alone."""
     return y + bias
 
 
@@ -201,7 +198,8 @@ def _add_bias_bwd(_, g):
 
 def _sum_leading(g):
     """``g`` summed over all axes but the last: on XLA:CPU a :func:`column_sums`
-    product over the flattened ``g`` (float32 sums), elsewhere a plain sum in place."""
+    product over the flattened ``g`` (float32 sums), reading the buffer the matmuls
+    read; elsewhere a plain sum in place (flattening can be a relayout copy on TPU)."""
     def flat(g):
         return column_sums(g.reshape(-1, g.shape[-1]).astype(jnp.float32))[0].astype(g.dtype)
 
@@ -246,7 +244,7 @@ class Dense(nn.Module):
     features: int
     use_bias: bool = True
     dtype: Dtype = jnp.float32
-    gelu: bool = False  # the GELU that follows (MLP hidden layers), fused with the bias
+    with_gelu: bool = False  # the GELU that follows (MLP hidden layers), fused with the bias
 
     @nn.compact
     def __call__(self, x):
@@ -255,13 +253,13 @@ class Dense(nn.Module):
         y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-            return (bias_gelu if self.gelu else add_bias)(y, bias.astype(self.dtype))
-        return gelu(y) if self.gelu else y
+            return (bias_gelu if self.with_gelu else add_bias)(y, bias.astype(self.dtype))
+        return gelu(y) if self.with_gelu else y
 
 
 def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True,
-          gelu: bool = False) -> Dense:
-    return Dense(features, use_bias, dtype, gelu, name=name)
+          with_gelu: bool = False) -> Dense:
+    return Dense(features, use_bias, dtype, with_gelu, name=name)
 
 
 def _row_mean(x):
@@ -515,7 +513,7 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = dense(self.hidden, "fc1", self.dtype, gelu=True)(x)
+        x = dense(self.hidden, "fc1", self.dtype, with_gelu=True)(x)
         return dense(self.dim, "fc2", self.dtype)(x)
 
 
