@@ -331,7 +331,7 @@ def _guarded(step_fn, halt_on_nonfinite: bool) -> Callable:
 
 # XLA:CPU's cse_barrier_expander pass deletes every optimization_barrier before
 # fusion, so the barriers that keep the head's weight-norm weights and the
-# residual-stream gradients materialised (models/head.py, models/vit.py) never
+# residual-stream gradients materialised (models/head.py, models/ops.py) never
 # reached the CPU backend, which then fused the norm into the 65,536-wide head
 # matmul (recomputed per tile) and duplicated the gradient add chains into every
 # consumer. Skipping the pass for this one program keeps them: ViT-S/16

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dino_jax import convert, train
-from dino_jax.models import vit
+from dino_jax.models import ops, vit
 from dino_jax.models.head import DINOHead, frozen_weight_g_mask, weight_norm
 from official_fixtures import cases, group, load, max_rel_err
 
@@ -170,13 +170,13 @@ def test_builders_match_official_dims():
 
 
 def test_gelu_matches_torch_gelu_and_its_gradient():
-    """vit.gelu (erf form, hand-written backward) equals torch.nn.GELU() forward and
+    """ops.gelu (erf form, hand-written backward) equals torch.nn.GELU() forward and
     backward, and jax.nn.gelu(approximate=False), to float32 rounding: 2e-6 absolute
     on x in [-12, 12] (|gelu| <= 12; torch's CPU kernel uses the same erf formula)."""
     torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
     x = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(0).normal(0, 3, 4000)]).astype(np.float32)
     g = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
-    y, vjp = jax.vjp(vit.gelu, jnp.asarray(x))
+    y, vjp = jax.vjp(ops.gelu, jnp.asarray(x))
     (dx,) = vjp(jnp.asarray(g))
     xt = torch.tensor(x, requires_grad=True)
     yt = torch.nn.functional.gelu(xt)
@@ -192,7 +192,7 @@ def test_gelu_matches_torch_gelu_and_its_gradient():
 
 
 def test_bias_gelu_equals_gelu_of_the_biased_input_and_its_gradients():
-    """vit.bias_gelu(h, b) (the MLP's fc1 bias and GELU, recomputed in the backward from
+    """ops.bias_gelu(h, b) (the MLP's fc1 bias and GELU, recomputed in the backward from
     h) equals jax.nn.gelu(h + b, approximate=False) in value and both gradients, under
     jit on this CPU (the barrier path): 2e-6 absolute on values of size <= 12, the bias
     gradient (a sum over 400 rows) to 1e-5 of its largest entry."""
@@ -204,7 +204,7 @@ def test_bias_gelu_equals_gelu_of_the_biased_input_and_its_gradients():
     def value_and_grads(f):
         return jax.jit(lambda h, b, g: (lambda y, vjp: (y,) + vjp(g))(*jax.vjp(f, h, b)))(h, b, g)
 
-    y, dh, db = value_and_grads(vit.bias_gelu)
+    y, dh, db = value_and_grads(ops.bias_gelu)
     y_ref, dh_ref, db_ref = value_and_grads(lambda h, b: jax.nn.gelu(h + b, approximate=False))
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=2e-6)
     np.testing.assert_allclose(np.asarray(dh), np.asarray(dh_ref), rtol=0, atol=2e-6)
@@ -213,7 +213,7 @@ def test_bias_gelu_equals_gelu_of_the_biased_input_and_its_gradients():
 
 
 def test_layer_norm_matches_torch_layer_norm_and_its_gradient():
-    """vit.layer_norm (row means as matrix-vector products on CPU, closed-form backward)
+    """ops.layer_norm (row means as matrix-vector products on CPU, closed-form backward)
     equals torch.nn.functional.layer_norm in float64 autograd, value and the gradients
     of x, scale and bias, to 1e-5 of the largest entry (rows with a large mean, where
     E[x^2] - mean^2 would lose digits); with a bfloat16 input it equals
@@ -227,7 +227,7 @@ def test_layer_norm_matches_torch_layer_norm_and_its_gradient():
     bias = (0.2 * rng.normal(size=d)).astype(np.float32)
     g = rng.normal(size=(b, n, d)).astype(np.float32)
     args = [jnp.asarray(a) for a in (x, scale, bias)]
-    out, vjp = jax.vjp(lambda *a: vit.layer_norm(*a, 1e-6), *args)
+    out, vjp = jax.vjp(lambda *a: ops.layer_norm(*a, 1e-6), *args)
     grads = vjp(jnp.asarray(g))
     ts = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, scale, bias)]
     ot = torch.nn.functional.layer_norm(ts[0], (d,), ts[1], ts[2], 1e-6)
@@ -259,7 +259,7 @@ def test_layer_norm_matches_torch_layer_norm_and_its_gradient():
 
 @pytest.mark.parametrize("d_in,d_out", [(24, 96), (96, 24), (32, 32)])
 def test_linear_gradient_equals_jax_rule_and_transposes_the_narrower_operand(d_in, d_out):
-    """vit.linear (nn.Dense's matmul) gives the value and gradients of the plain
+    """ops.linear (nn.Dense's matmul) gives the value and gradients of the plain
     ``x @ w`` to float32 rounding (float64 numpy as the judge: 1e-5 relative of the
     largest entry), and its weight gradient contracts the token axis with the narrower
     of x and g as the left operand, also in the program XLA:CPU compiles for the train
@@ -269,7 +269,7 @@ def test_linear_gradient_equals_jax_rule_and_transposes_the_narrower_operand(d_i
     x = rng.normal(size=(4, 50, d_in)).astype(np.float32)
     w = rng.normal(size=(d_in, d_out)).astype(np.float32) / np.sqrt(d_in)
     g = rng.normal(size=(4, 50, d_out)).astype(np.float32)
-    y, vjp = jax.vjp(vit.linear, jnp.asarray(x), jnp.asarray(w))
+    y, vjp = jax.vjp(ops.linear, jnp.asarray(x), jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(g))
     x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
     for got, want in [(y, x64 @ w64), (dx, g64 @ w64.T),
@@ -279,14 +279,14 @@ def test_linear_gradient_equals_jax_rule_and_transposes_the_narrower_operand(d_i
     # the weight-gradient dot in both lowerings (CPU: (batch, token) axes merged first;
     # other platforms: contracted in place, since on TPU the merge copies the activation)
     for flatten, lead in [(True, (200,)), (False, (4, 50))]:
-        jaxpr = jax.make_jaxpr(lambda a, c: vit._weight_grad(a, c, flatten))(x, g)
+        jaxpr = jax.make_jaxpr(lambda a, c: ops._weight_grad(a, c, flatten))(x, g)
         dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
         assert len(dots) == 1, jaxpr
         assert dots[0].invars[0].aval.shape == lead + (min(d_in, d_out),)
         assert dots[0].params["dimension_numbers"][0] == (tuple(range(len(lead))),) * 2
         assert any(e.primitive.name == "reshape" for e in jaxpr.jaxpr.eqns) == flatten
         assert jaxpr.out_avals[0].shape == (d_in, d_out)
-    compiled = jax.jit(lambda a, c: vit._weight_grad(a, c, True),
+    compiled = jax.jit(lambda a, c: ops._weight_grad(a, c, True),
                        compiler_options=train.step_compiler_options("cpu")).lower(x, g).compile()
     dot_shapes = re.findall(r"= f32\[(\d+),(\d+)\]\{1,0\} dot\(", compiled.as_text())
     assert dot_shapes == [(str(min(d_in, d_out)), str(max(d_in, d_out)))], dot_shapes
@@ -311,7 +311,7 @@ def test_dense_equals_flax_dense_in_parameters_values_and_gradients():
     np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=0, atol=1e-6)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6 * np.abs(b).max())
-    bias_grad = jax.jit(lambda g: jax.vjp(vit.add_bias, g, jnp.zeros(40))[1](g)[1])
+    bias_grad = jax.jit(lambda g: jax.vjp(ops.add_bias, g, jnp.zeros(40))[1](g)[1])
     lowered = bias_grad.lower(jnp.ones((4, 50, 40))).as_text()  # this host: CPU
     assert "stablehlo.dot_general" in lowered and "stablehlo.reduce" not in lowered, lowered
 
@@ -351,7 +351,7 @@ def _official_attention_core(qkv, num_heads):
 
 @pytest.mark.parametrize("num_heads,hd", [(3, 32), (2, 64)])
 def test_attention_core_matches_official_and_its_gradient(num_heads, hd):
-    """vit.attention (folded-head layout, hand-written backward) equals the official
+    """ops.attention (folded-head layout, hand-written backward) equals the official
     module's attention in float64 torch autograd, value and gradient, to 1e-5 of the
     largest entry; in bfloat16 it equals JAX's autodiff of the same casts to bf16
     rounding (2e-2). hd=32 has a scale that is not a power of two (order matters)."""
@@ -360,7 +360,7 @@ def test_attention_core_matches_official_and_its_gradient(num_heads, hd):
     b, n, c = 3, 17, num_heads * hd
     qkv = (2 * rng.normal(size=(b, n, 3 * c))).astype(np.float32)
     g = rng.normal(size=(b, n, c)).astype(np.float32)
-    out, vjp = jax.vjp(lambda a: vit.attention(a, num_heads), jnp.asarray(qkv))
+    out, vjp = jax.vjp(lambda a: ops.attention(a, num_heads), jnp.asarray(qkv))
     (dqkv,) = vjp(jnp.asarray(g))
     qt = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
     ot = _official_attention_core(qt, num_heads)
@@ -369,8 +369,8 @@ def test_attention_core_matches_official_and_its_gradient(num_heads, hd):
         assert got.shape == want.shape and got.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
     # a backward that forgets the softmax's row term (-sum(dp * p)) is far off
-    q, k, v = vit._split_heads(jnp.asarray(qkv), num_heads)
-    p = vit._attention_probs(q, k)
+    q, k, v = ops._split_heads(jnp.asarray(qkv), num_heads)
+    p = ops._attention_probs(q, k)
     go = jnp.asarray(g).reshape(b, n, num_heads, hd).transpose(0, 2, 1, 3)
     dp = jnp.einsum("bhqd,bhkd->bhqk", go, v)
     dq_wrong = jnp.einsum("bhqk,bhkd->bhqd", p * dp * hd ** -0.5, k)
@@ -384,11 +384,11 @@ def test_attention_core_matches_official_and_its_gradient(num_heads, hd):
         return jnp.einsum("bhqk,bkhd->bqhd", attn.astype(a.dtype), t[:, :, 2]).reshape(b, n, c)
 
     x16, g16 = jnp.asarray(qkv, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16)
-    for fn in (autodiff_ref, lambda a: vit.attention(a, num_heads)):
+    for fn in (autodiff_ref, lambda a: ops.attention(a, num_heads)):
         o16, vjp16 = jax.vjp(fn, x16)
         assert o16.dtype == jnp.bfloat16 and vjp16(g16)[0].dtype == jnp.bfloat16
     o_ref, vjp_ref = jax.vjp(autodiff_ref, x16)
-    o_new, vjp_new = jax.vjp(lambda a: vit.attention(a, num_heads), x16)
+    o_new, vjp_new = jax.vjp(lambda a: ops.attention(a, num_heads), x16)
     for got, want in [(o_new, o_ref), (vjp_new(g16)[0], vjp_ref(g16)[0])]:
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())

@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dino_jax.models.vit import column_sums, dense, torch_default_uniform_init
+from dino_jax.models.ops import column_sums
+from dino_jax.models.vit import dense, torch_default_uniform_init
 
 Dtype = Any
 
