@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
                                       # fp32) | auto (bfloat16 on GPU/TPU, float32 on CPU; the recipe
                                       # configs' default). Official default is fp16 autocast; float32 is
                                       # the exact reference (quickstart, tests).
-    c.model.fused_attention = False   # deviation: jax.nn.dot_product_attention (cuDNN flash on GPU)
+    c.model.fused_attention = False   # deviation: jax.nn.dot_product_attention (cuDNN flash on GPU in bf16/fp16)
     c.model.remat = False             # rematerialise blocks (all but the last): less memory, ~30% more compute
 
     # ---------------- objective ----------------

@@ -422,3 +422,56 @@ def test_cls_feature_computes_only_the_cls_row_of_the_last_block(remat):
             assert np.abs(np.asarray(a) - np.asarray(m.apply(variables, x))).max() > 1e-3
     hlo = jax.jit(lambda p: m.apply(p, x)).lower(variables).as_text()
     assert "tensor<4x1x192xf32>" in hlo and "tensor<4x17x192xf32>" in hlo  # fc1: last block, others
+
+
+def test_fused_attention_switch_gives_the_official_values_and_gradients():
+    """model.fused_attention (jax.nn.dot_product_attention; a deviation, off by default)
+    computes what the official op order computes: the CLS feature and every parameter
+    gradient agree in float32 to 1e-5 of the largest entry (only the rounding differs),
+    the last block on the CLS row included."""
+    kw = dict(patch_size=4, embed_dim=48, depth=3, num_heads=3, img_size=16)
+    official, fused = vit.VisionTransformer(**kw), vit.VisionTransformer(**kw, fused_attention=True)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+    variables = official.init(jax.random.PRNGKey(1), x)
+    w = jax.random.normal(jax.random.PRNGKey(2), (4, 48))
+
+    def value_and_grads(model):
+        return jax.value_and_grad(lambda p: (model.apply(p, x) * w).sum())(variables)
+
+    (a, ga), (b, gb) = value_and_grads(official), value_and_grads(fused)
+    np.testing.assert_allclose(float(b), float(a), rtol=1e-5)
+    for u, v in zip(jax.tree.leaves(gb), jax.tree.leaves(ga)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=1e-5 * np.abs(v).max())
+
+
+def test_fused_attention_asks_for_cudnn_on_a_gpu_and_falls_back_with_one_warning(monkeypatch, caplog):
+    """jax 0.10's dot_product_attention(implementation=None) is XLA's: ops.fused_attention
+    names cuDNN where the backend is a GPU and the inputs are half precision, and falls
+    back to XLA's (same values) with one warning per reason where cuDNN refuses at trace
+    time (this machine has no cuDNN: the refusal is real)."""
+    import logging
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return real(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 10, 3, 32)).astype(jnp.bfloat16)
+               for i in range(3))
+    on_cpu = ops.fused_attention(q, k, v, 32 ** -0.5)
+    assert calls == ["xla"]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    ops._CUDNN_REFUSALS.clear()
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="dino_jax.models.ops"):
+        on_gpu = [ops.fused_attention(q, k, v, 32 ** -0.5) for _ in range(2)]
+        assert calls == ["cudnn", "xla"] * 2
+        warnings = [r.getMessage() for r in caplog.records if "cuDNN" in r.getMessage()]
+        assert len(warnings) == 1 and "(2, 10, 3, 32)" in warnings[0], warnings
+        calls.clear()
+        ops.fused_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), 0.2)
+        assert calls == ["xla"]  # float32: cuDNN's flash kernel takes half precision only
+    for out in on_gpu:
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(on_cpu, np.float32))

@@ -13,6 +13,7 @@ Optimisation barriers here only act on CPU where the program is compiled with
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -314,3 +315,30 @@ def _attention_bwd(num_heads: int, res, g):
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# cuDNN refusals already reported (one warning each per process).
+_CUDNN_REFUSALS: set = set()
+
+
+def fused_attention(q, k, v, scale: float):
+    """``jax.nn.dot_product_attention`` of (B, T, H, hd) ``q`` and (B, S, H, hd) ``k``,
+    ``v``: cuDNN's flash-attention kernel where the default backend is a GPU and the
+    inputs are bfloat16 or float16, XLA's attention otherwise.
+
+    jax 0.10's ``implementation=None`` means XLA's, not cuDNN's, so the kernel is asked
+    for by name. Where cuDNN refuses at trace time (no cuDNN, e.g. a ROCm GPU; an
+    unsupported head dim) the call falls back to XLA's with one warning per reason.
+    The ``model.fused_attention`` deviation (off by default): not the official op order."""
+    half = q.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jax.default_backend() == "gpu" and half:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            if reason not in _CUDNN_REFUSALS:
+                _CUDNN_REFUSALS.add(reason)
+                logging.getLogger(__name__).warning(
+                    "fused attention: cuDNN flash attention refused %s %s inputs (%s); "
+                    "using XLA's attention", tuple(q.shape), q.dtype, reason)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax.models.ops import (add_bias, attention, bias_gelu, gelu, layer_norm, linear,
-                                 materialize_cotangent)
+from dino_jax.models.ops import (add_bias, attention, bias_gelu, fused_attention, gelu, layer_norm,
+                                 linear, materialize_cotangent)
 
 Dtype = Any
 
@@ -186,7 +186,7 @@ class Attention(nn.Module):
     num_heads: int
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
-    fused: bool = False  # jax.nn.dot_product_attention (cuDNN flash on GPU); off = official op order
+    fused: bool = False  # ops.fused_attention (cuDNN flash on GPU in bf16/fp16); off = official op order
 
     @nn.compact
     def __call__(self, x, return_attention: bool = False, cls_only: bool = False):
@@ -199,7 +199,7 @@ class Attention(nn.Module):
         attn = None
         if self.fused and not return_attention:
             q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, hd), 2, 0)
-            out = jax.nn.dot_product_attention(q[:, :rows], k, v, scale=hd ** -0.5)
+            out = fused_attention(q[:, :rows], k, v, hd ** -0.5)
         elif cls_only or return_attention:  # in the (B, N, H, hd) layout: on TPU the
             # (B, H, N, hd) permute of this path took vit_s8 --remat v4 12.12 -> 15.29 GiB
             t = qkv.reshape(b, n, 3, self.num_heads, hd)
