@@ -104,7 +104,7 @@ def main():
     runtime.set_xla_cpu_defaults()
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
-    from dino_jax import schedules, sharding, train  # noqa: PLC0415
+    from dino_jax import train  # noqa: PLC0415
 
     spec = importlib.util.spec_from_file_location(
         "train_step_bench", os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.py"))
@@ -112,16 +112,7 @@ def main():
     spec.loader.exec_module(ts)
     config = ts.recipe_config(a.recipe)
     config.model.dtype = "float32"
-    mesh = sharding.make_mesh(1)
-    models = train.build_models(config)
-    state = train.create_train_state(config, jax.random.PRNGKey(0), mesh=mesh, models=models)
-    step = train.make_train_step(config, mesh=mesh, state_sharding=jax.tree.map(lambda x: x.sharding, state),
-                                 models=models, schedule=schedules.build_schedules(config, 1000))
-    b, d = config.batch_size, config.data
-    key = jax.random.PRNGKey(1)
-    batch = {"global_crops": jax.random.normal(key, (b, 2, d.global_crop_size, d.global_crop_size, 3)),
-             "local_crops": jax.random.normal(key, (b, d.num_local_crops, d.local_crop_size, d.local_crop_size, 3))}
-    compiled = step.lower(state, batch).compile()
+    compiled, step, state, batch, _, _ = ts.build_bare_step(config)
     acc = step.new_accumulator()
     for _ in range(2):
         state, m, acc = compiled(state, batch, step.schedule, acc)

@@ -121,6 +121,28 @@ def recipe_config(name: str):
     return config
 
 
+def build_bare_step(config):
+    """The step the benchmarks time: ``train.make_train_step`` on a mesh of
+    ``config.num_fsdp``, a fresh state, a synthetic batch on the devices, compiled.
+    Returns (compiled, step, state, batch, models, compile seconds)."""
+    mesh = sharding.make_mesh(int(config.num_fsdp))
+    sharding.check_batch_size(config.batch_size, mesh)
+    models = train.build_models(config)
+    state = train.create_train_state(config, jax.random.PRNGKey(0), mesh=mesh, models=models)
+    step = train.make_train_step(config, mesh=mesh, state_sharding=jax.tree.map(lambda x: x.sharding, state),
+                                 models=models, schedule=schedules.build_schedules(config, 1000))
+    b, d = config.batch_size, config.data
+    bsh = sharding.batch_sharding(mesh)
+    key = jax.random.PRNGKey(1)
+    batch = {"global_crops": jax.device_put(
+                 jax.random.normal(key, (b, 2, d.global_crop_size, d.global_crop_size, 3)), bsh),
+             "local_crops": jax.device_put(
+                 jax.random.normal(key, (b, d.num_local_crops, d.local_crop_size, d.local_crop_size, 3)), bsh)}
+    t0 = time.time()
+    compiled = step.lower(state, batch).compile()
+    return compiled, step, state, batch, models, time.time() - t0
+
+
 def run_official(a, recipe: str, batch: int) -> float:
     """Images/s of one run of the official step (subprocess; same affinity and env)."""
     import subprocess  # noqa: PLC0415
@@ -222,23 +244,10 @@ def main():
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
-    mesh = sharding.make_mesh(int(config.num_fsdp))
-    sharding.check_batch_size(config.batch_size, mesh)
-    models = train.build_models(config)
+    compiled, step, state, batch, models, compile_s = build_bare_step(config)
     backbone, head = models
-    state = train.create_train_state(config, jax.random.PRNGKey(0), mesh=mesh, models=models)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    sched = schedules.build_schedules(config, 1000)
-    step = train.make_train_step(config, mesh=mesh, state_sharding=state_sh, models=models, schedule=sched)
     b, g, l, nl = (config.batch_size, config.data.global_crop_size, config.data.local_crop_size,
                    config.data.num_local_crops)
-    bsh = sharding.batch_sharding(mesh)
-    key = jax.random.PRNGKey(1)
-    batch = {"global_crops": jax.device_put(jax.random.normal(key, (b, 2, g, g, 3)), bsh),
-             "local_crops": jax.device_put(jax.random.normal(key, (b, nl, l, l, 3)), bsh)}
-    t0 = time.time()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.time() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")

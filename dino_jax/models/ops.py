@@ -7,6 +7,9 @@ the backward passes and a few CPU-only forms (chosen at lowering with
 host gets the plain form) exist for speed and memory on XLA:CPU and TPU. Each
 docstring says what it changed and by how much (README.md, development notes).
 
+:func:`fused_attention` is the one that is not the official op order: the
+``model.fused_attention`` deviation (off by default), cuDNN's kernel on a GPU.
+
 Optimisation barriers here only act on CPU where the program is compiled with
 ``train.step_compiler_options`` (XLA:CPU otherwise deletes them before fusion).
 """
