@@ -16,7 +16,7 @@
 # JSON. Environment: PYTHON (ours, default python3), OFFICIAL_PYTHON (torch +
 # torchvision, default PYTHON), ARGS (the step's recipe arguments, default the
 # ViT-S/16 ones above; e.g. ARGS="--recipe nano --batch_size 8" for a CPU smoke
-# run), OFFICIAL_DEVICE (default cuda), STEPS (default 20), XLA_FLAG_SETS (';'-separated).
+# run), OFFICIAL_DEVICE (default cuda), STEPS (default 20), XLA_FLAG_SETS (";"-separated; "" for none).
 set -uo pipefail
 out=${1:?usage: gpu_report.sh OUT_DIR [DINO_DIR OFFICIAL_BENCH]}
 dino=${2:-}
@@ -25,7 +25,7 @@ py=${PYTHON:-python3}
 official_py=${OFFICIAL_PYTHON:-$py}
 args=${ARGS:---recipe vit_s16 --batch_size 128 --dtype bfloat16}
 steps=${STEPS:-20}
-flag_sets=${XLA_FLAG_SETS:---xla_gpu_enable_latency_hiding_scheduler=true;--xla_gpu_enable_triton_gemm=false}
+flag_sets=${XLA_FLAG_SETS---xla_gpu_enable_latency_hiding_scheduler=true;--xla_gpu_enable_triton_gemm=false}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out" || exit 2
 
