@@ -270,3 +270,28 @@ def batched_apply(fn, images: np.ndarray, batch_size: int):
             x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], x.dtype)])
         outs.append(jax.tree.map(lambda y, m=m: np.asarray(y)[:m], fn(x)))
     return jax.tree.map(lambda *ys: np.concatenate(ys), *outs)
+
+
+def parallel_map(fn, items, num_threads: int = 0, ahead: int = 0):
+    """``fn`` over ``items`` in order, computed by a pool of threads (image decoding and
+    resizing release the GIL) at most ``ahead`` items ahead of the consumer, so memory
+    stays bounded; ``num_threads`` 0 means one per CPU. An exception of ``fn`` is raised
+    when its item is reached."""
+    import collections  # noqa: PLC0415
+    import concurrent.futures  # noqa: PLC0415
+
+    num_threads = num_threads or os.cpu_count() or 1
+    ahead = ahead or 2 * num_threads
+    it = iter(items)
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        pending = collections.deque()
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in it:
+                pending.append(pool.submit(fn, item))
+                break
+            yield result

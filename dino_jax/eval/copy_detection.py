@@ -130,10 +130,21 @@ def gem_features(model, params, paths: list, imsize: int, batch_size: int = 16) 
         im = common.open_image(p).resize((imsize, imsize), Image.BICUBIC)
         return common.normalize_uint8(np.asarray(im, np.uint8))
 
-    out = []
-    for s in range(0, len(paths), batch_size):
-        x = np.stack([load(p) for p in paths[s:s + batch_size]])
-        out.append(common.batched_apply(lambda b: fn(params, b), x, batch_size))
+    def run(xs):  # one batch, zero-padded to batch_size when there is more than one batch
+        m = len(xs)
+        if m < batch_size and len(paths) > batch_size:
+            xs = xs + [np.zeros_like(xs[0])] * (batch_size - m)
+        return np.asarray(fn(params, np.stack(xs)))[:m]
+
+    # Images are decoded and resized by a pool of threads, a few batches ahead of the model.
+    out, batch = [], []
+    for x in common.parallel_map(load, paths, ahead=2 * batch_size):
+        batch.append(x)
+        if len(batch) == batch_size:
+            out.append(run(batch))
+            batch = []
+    if batch:
+        out.append(run(batch))
     return np.concatenate(out).astype(np.float32)
 
 

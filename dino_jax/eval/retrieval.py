@@ -154,26 +154,60 @@ def thumbnail(path: str, imsize: int) -> np.ndarray:
 
 
 def rescale(x: np.ndarray, scale: float) -> np.ndarray:
-    """Bilinear rescale of a float (H, W, C) image by ``scale`` (PyTorch semantics)."""
+    """Bilinear rescale of a float (H, W, C) image by ``scale`` (PyTorch semantics), one
+    axis at a time (two float32 matrix products)."""
     if scale == 1.0:
         return x
     mh, mw = common.bilinear_matrix(x.shape[0], scale), common.bilinear_matrix(x.shape[1], scale)
-    return np.einsum("ia,jb,abc->ijc", mh, mw, x).astype(np.float32)
+    x = np.tensordot(mh, np.asarray(x, np.float32), axes=(1, 0))   # (h', W, C)
+    return np.matmul(mw, x).astype(np.float32)                      # (h', w', C)
 
 
-def image_features(model, params, images: list, multiscale: bool = False, batch_size: int = 32,
+def _padded_batch(m: int, batch_size: int) -> int:
+    """Rows a bucket of ``m`` images is padded to: the batch size, or the power of two
+    covering a smaller remainder (a few compiled shapes per image size)."""
+    return min(batch_size, 1 << (m - 1).bit_length())
+
+
+def image_features(model, params, images, multiscale: bool = False, batch_size: int = 32,
                    progress=None) -> np.ndarray:
-    """L2-normalised CLS features (N, D) of uint8 images of any sizes."""
+    """L2-normalised CLS features (N, D) of uint8 images of any sizes, given as a list or
+    any iterable (read one at a time: only the images waiting in a batch are in memory).
+    Each (scale, size) has its own bucket, run when it holds ``batch_size`` images and
+    at the end (batch padded with zeros, the pad rows dropped)."""
     from dino_jax.eval import features  # noqa: PLC0415
 
     p = model.patch_size
+    fn = features.make_extract_fn(model, False)
     scales = SCALES if multiscale else (1.0,)
-    total = np.zeros((len(images), model.embed_dim), np.float64)
-    for s in scales:
-        xs = [common.crop_to_patch_multiple(rescale(common.normalize_uint8(im), s), p) for im in images]
-        inputs = features.Inputs(len(xs), [x.shape[:2] for x in xs], lambda i, xs=xs: xs[i])
-        cls, _ = features.extract(model, params, inputs, batch_size, progress=progress)
-        total += cls
+    rows: list = []  # float64 sums of the CLS over the scales, one per image
+    buckets: dict = {}  # input shape -> ([image index], [normalised input])
+
+    def flush(shape):
+        idx, xs = buckets.pop(shape)
+        full = _padded_batch(len(xs), batch_size)
+        x = np.stack(xs + [np.zeros_like(xs[0])] * (full - len(xs)))
+        cls = np.asarray(fn(params, x)[0])[:len(idx)]
+        for i, c in zip(idx, cls):
+            rows[i] += c
+
+    for i, im in enumerate(images):
+        rows.append(np.zeros(model.embed_dim, np.float64))
+        x0 = common.normalize_uint8(im)
+        for s in scales:
+            x = common.crop_to_patch_multiple(rescale(x0, s), p)
+            b = buckets.setdefault(x.shape, ([], []))
+            b[0].append(i)
+            b[1].append(x)
+            if len(b[0]) == batch_size:
+                flush(x.shape)
+        if progress and (i + 1) % 100 == 0:
+            progress(f"  {i + 1} images")
+    for shape in list(buckets):
+        flush(shape)
+    if not rows:
+        return np.zeros((0, model.embed_dim), np.float32)
+    total = np.stack(rows)
     if multiscale:
         total /= len(scales)
         total /= np.linalg.norm(total, axis=1, keepdims=True)  # official: v /= v.norm()
@@ -183,13 +217,17 @@ def image_features(model, params, images: list, multiscale: bool = False, batch_
 
 def evaluate(backbone, params, data_path: str, dataset: str = "roxford5k", imsize: int = 224,
              multiscale: bool = False, batch_size: int = 32, progress=None) -> dict:
-    """{'<dataset>_map_medium', '<dataset>_map_hard', '<dataset>_mp@{1,5,10}_{medium,hard}'} in percent."""
+    """{'<dataset>_map_medium', '<dataset>_map_hard', '<dataset>_mp@{1,5,10}_{medium,hard}'} in percent.
+    Database and query images stream through one pass (decoded by a pool of threads), so
+    images of one size share batches and compiled shapes."""
     cfg = read_dataset(data_path, dataset)
     if progress:
         progress(f"{dataset}: {len(cfg['db_paths'])} database / {len(cfg['query_paths'])} query images")
-    db = image_features(backbone, params, [thumbnail(p, imsize) for p in cfg["db_paths"]], multiscale, batch_size)
-    q = image_features(backbone, params, [thumbnail(p, imsize) for p in cfg["query_paths"]], multiscale, batch_size)
-    return scores(rank_database(db, q), cfg["gnd"], prefix=f"{dataset}_")
+    paths = cfg["db_paths"] + cfg["query_paths"]
+    images = common.parallel_map(lambda path: thumbnail(path, imsize), paths)
+    feats = image_features(backbone, params, images, multiscale, batch_size, progress)
+    n_db = len(cfg["db_paths"])
+    return scores(rank_database(feats[:n_db], feats[n_db:]), cfg["gnd"], prefix=f"{dataset}_")
 
 
 # --------------------------------------------------------------------------

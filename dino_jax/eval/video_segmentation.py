@@ -76,18 +76,37 @@ def target_size(h: int, w: int, scale_size: int) -> tuple[int, int]:
     return th, tw
 
 
-def _linear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) bilinear weights of cv2.resize INTER_LINEAR (half-pixel centres, clamped)."""
+def _linear_taps(in_size: int, out_size: int):
+    """(i0, i1, lam) of cv2.resize INTER_LINEAR along one axis (half-pixel centres, clamped):
+    output ``j`` is ``(1 - lam[j]) * x[i0[j]] + lam[j] * x[i1[j]]``."""
     scale = in_size / out_size
     src = (np.arange(out_size) + 0.5) * scale - 0.5
     i0 = np.floor(src).astype(np.int64)
     lam = src - i0
     i0c, i1c = np.clip(i0, 0, in_size - 1), np.clip(i0 + 1, 0, in_size - 1)
     lam = np.where(i0 < 0, 0.0, lam)
+    return i0c, i1c, lam
+
+
+def _linear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) dense form of :func:`_linear_taps` (the reference the tests check against)."""
+    i0, i1, lam = _linear_taps(in_size, out_size)
     m = np.zeros((out_size, in_size))
-    np.add.at(m, (np.arange(out_size), i0c), 1 - lam)
-    np.add.at(m, (np.arange(out_size), i1c), lam)
+    np.add.at(m, (np.arange(out_size), i0), 1 - lam)
+    np.add.at(m, (np.arange(out_size), i1), lam)
     return m
+
+
+def resize_linear(img: np.ndarray, th: int, tw: int) -> np.ndarray:
+    """cv2's bilinear resize of a (H, W, C) image in float64, one axis at a time (two taps
+    per output pixel), rounded to uint8."""
+    x = img.astype(np.float64)
+    for axis, out in ((0, th), (1, tw)):
+        if x.shape[axis] != out:
+            i0, i1, lam = _linear_taps(x.shape[axis], out)
+            lam = lam.reshape((-1,) + (1,) * (x.ndim - 1 - axis))
+            x = np.take(x, i0, axis=axis) * (1 - lam) + np.take(x, i1, axis=axis) * lam
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def read_frame(path: str, scale_size: int = 480):
@@ -98,8 +117,7 @@ def read_frame(path: str, scale_size: int = 480):
     h, w = img.shape[:2]
     th, tw = target_size(h, w, scale_size)
     if (th, tw) != (h, w):
-        x = np.einsum("ia,jb,abc->ijc", _linear_matrix(h, th), _linear_matrix(w, tw), img.astype(np.float64))
-        img = np.clip(np.round(x), 0, 255).astype(np.uint8)
+        img = resize_linear(img, th, tw)
     return ((img.astype(np.float32) / 255.0) - MEAN) / STD, h, w
 
 
@@ -175,9 +193,12 @@ def make_feature_fn(model):
     return fn
 
 
-def _propagate_impl(feat_tar, feat_src, segs, mask, topk: int):
+def _propagate_impl(feat_tar, feat_src, segs, valid, mask, topk: int):
     """Official label_propagation: feat_tar (hw, D), feat_src (n, hw, D), segs (n, C, hw),
-    mask (hw, hw) or None -> soft labels (C, hw)."""
+    valid (n,) 1 for a source frame and 0 for an empty slot of the padded queue, mask
+    (hw, hw) or None -> soft labels (C, hw). An empty slot's affinities are 0, as are
+    masked-out neighbours: they never pass the top-k threshold with weight and add
+    nothing to the sums, so the result is that of the unpadded queue."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -186,6 +207,7 @@ def _propagate_impl(feat_tar, feat_src, segs, mask, topk: int):
 
     t, s = l2n(feat_tar), l2n(feat_src)
     aff = jnp.exp(jnp.einsum("qd,nkd->nqk", t, s, precision=jax.lax.Precision.HIGHEST) / 0.1)  # (n, q, k)
+    aff = aff * valid[:, None, None]
     if mask is not None:
         aff = aff * mask[None]
     aff = jnp.transpose(aff, (0, 2, 1)).reshape(-1, t.shape[0])                      # (n*k, q)
@@ -198,9 +220,10 @@ def _propagate_impl(feat_tar, feat_src, segs, mask, topk: int):
 
 
 def upsample_labels(seg: np.ndarray, factor: int) -> np.ndarray:
-    """PyTorch bilinear interpolate (align_corners=False) of (C, h, w) by an integer factor."""
+    """PyTorch bilinear interpolate (align_corners=False) of (C, h, w) by an integer factor,
+    one axis at a time (two float32 matrix products)."""
     mh, mw = common.bilinear_matrix(seg.shape[1], factor), common.bilinear_matrix(seg.shape[2], factor)
-    return np.einsum("ia,jb,cab->cij", mh, mw, seg).astype(np.float32)
+    return np.matmul(np.matmul(mh, seg.astype(np.float32)), mw.T).astype(np.float32)
 
 
 def norm_mask(mask: np.ndarray) -> np.ndarray:
@@ -234,14 +257,24 @@ def segment_video(model, params, frames: list, first_seg: np.ndarray, seg_ori: n
     first_feat = feature_fn(params, common.crop_to_patch_multiple(x, p))
     first = first_seg.reshape(first_seg.shape[0], -1)
     imwrite_indexed(os.path.join(out_dir, "00000.png"), seg_ori, palette)
-    mask = neighbourhood_mask(h, w, size_mask_neighborhood) if size_mask_neighborhood > 0 else None
+    # The neighbourhood mask goes to the device once per video.
+    mask = (jax.device_put(neighbourhood_mask(h, w, size_mask_neighborhood))
+            if size_mask_neighborhood > 0 else None)
+    # The sources are the first frame and the n_last_frames previous ones, held in a stack of
+    # fixed length (empty slots masked), so propagation compiles once per frame size.
+    slots = 1 + n_last_frames
+    zero_feat = jax.numpy.zeros_like(first_feat)
+    zero_seg = np.zeros_like(first)
+    topk = min(topk, slots * h * w)
     queue = []  # (features, soft labels) of the last n_last_frames frames
-    for path in frames[1:]:
-        x, ori_h, ori_w = read_frame(path, scale_size)
+    for path, (x, ori_h, ori_w) in zip(frames[1:], common.parallel_map(
+            lambda f: read_frame(f, scale_size), frames[1:], num_threads=2)):
         feat = feature_fn(params, common.crop_to_patch_multiple(x, p))
-        feats = jax.numpy.stack([first_feat] + [q[0] for q in queue])
-        segs = np.stack([first] + [q[1] for q in queue])
-        seg = np.asarray(propagate(feat, feats, segs, mask, topk=min(topk, len(segs) * h * w)))
+        pad = slots - 1 - len(queue)
+        feats = jax.numpy.stack([first_feat] + [q[0] for q in queue] + [zero_feat] * pad)
+        segs = np.stack([first] + [q[1] for q in queue] + [zero_seg] * pad)
+        valid = np.array([1.0] * (1 + len(queue)) + [0.0] * pad, np.float32)
+        seg = np.asarray(propagate(feat, feats, segs, valid, mask, topk=topk))
         if len(queue) == n_last_frames:
             queue.pop(0)
         if n_last_frames > 0:
