@@ -44,6 +44,16 @@ def base_config() -> ml_collections.ConfigDict:
                                       # the exact reference (quickstart, tests).
     c.model.fused_attention = False   # deviation: jax.nn.dot_product_attention (cuDNN flash on GPU in bf16/fp16)
     c.model.remat = False             # rematerialise blocks (all but the last): less memory, ~30% more compute
+    # DINOv2 backbones (configs/dinov2_*.py; the defaults are DINO's ViT):
+    c.model.num_register_tokens = 0   # learned register tokens after CLS, no position embedding (hub _reg: 4)
+    c.model.layerscale_init = 0.0     # LayerScale: per-channel gains on each residual branch, initialised
+                                      # to this value; 0 = none (DINO). DINOv2's hub builds with 1.0
+    c.model.ffn = "mlp"               # block FFN: mlp (fc1, GELU, fc2) | swiglu (DINOv2 ViT-g: w12, SiLU gate, w3)
+    c.model.interpolate_offset = 0.1  # position-embedding resize: scale (grid + offset) / side as the official
+                                      # code; 0 = resize to the exact grid (DINOv2 _reg models)
+    c.model.interpolate_antialias = False  # antialiased bicubic resize (PyTorch antialias=True; DINOv2 _reg)
+    c.model.mask_token = False        # DINOv2's learned mask token (a parameter of its released weights;
+                                      # replaces the patch embeddings where a mask is given)
 
     # ---------------- objective ----------------
     c.momentum_teacher = 0.996        # EMA base, cosine to 1; use 0.9995 for batch 256

@@ -1,4 +1,4 @@
-"""Official PyTorch DINO checkpoints <-> Flax params.
+"""Official PyTorch DINO and DINOv2 checkpoints <-> Flax params.
 
     python -m dino_jax.convert torch2jax --input W.pth [--checkpoint_key teacher] --output DIR
     python -m dino_jax.convert jax2torch --input DIR --output W.pth
@@ -9,7 +9,15 @@ entries whose names carry ``module.`` and ``backbone.``/``head.`` prefixes), or
 the same names in an ``.npz``. The architecture (width, depth, patch size, MLP
 ratio, position grid) is read from the tensor shapes; the head count is not
 in the shapes, so it is taken from the official builder of that width
-(192 -> 3, 384 -> 6, 768 -> 12) or from ``--num_heads``.
+(192 -> 3, 384 -> 6, 768 -> 12; DINOv2's 1024 -> 16, 1536 -> 24) or from ``--num_heads``.
+
+DINOv2 hub backbones (``dinov2_vits14_pretrain.pth`` ... ``dinov2_vitg14_reg4_pretrain.pth``,
+see docs/dinov2.md) are recognised by their own tensors (``mask_token``,
+``register_tokens``, ``ls1.gamma``, ``mlp.w12``): registers, LayerScale and the SwiGLU
+FFN come from the shapes; the position-embedding interpolation is not in the weights,
+so the hub's settings are taken (offset 0 and antialias with registers, offset 0.1
+without) unless ``--interpolate_offset``/``--interpolate_antialias`` say otherwise.
+``jax2torch`` writes the hub's names back, which dinov2's model loads with strict=True.
 
 The output directory is the params-dir format of :mod:`dino_jax.checkpoint`:
 an Orbax checkpoint of ``{'backbone': ..., ['head': ...]}`` plus
@@ -48,6 +56,12 @@ def cmd_torch2jax(args) -> str:
     raw = read_state_dict(args.input)
     sd = select_state_dict(raw, args.checkpoint_key)
     params, model_cfg, head_cfg = torch_to_flax(sd, args.num_heads, with_head=not args.backbone_only)
+    for field in ("interpolate_offset", "interpolate_antialias"):
+        if getattr(args, field) is not None:
+            if field not in model_cfg:
+                raise ConversionError(f"--{field} is for DINOv2 backbones; {args.input} holds a DINO ViT")
+            value = getattr(args, field)
+            model_cfg[field] = value == "true" if field == "interpolate_antialias" else value
     checkpoint.save_params_dir(args.output, params, model_cfg, head_cfg,
                                source=os.path.abspath(args.input), overwrite=args.overwrite)
     return (f"wrote {args.output}: {model_cfg['arch']} patch {model_cfg['patch_size']} "
@@ -89,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention heads; needed only for non-official widths (shapes do not show it)")
     t.add_argument("--backbone_only", action="store_true",
                    help="drop the projection head even when the checkpoint has one")
+    t.add_argument("--interpolate_offset", type=float, default=None,
+                   help="DINOv2 only: position-embedding resize offset (default: the hub's, 0.0 for "
+                        "register models, 0.1 otherwise; not stored in the weights)")
+    t.add_argument("--interpolate_antialias", type=str.lower, choices=("true", "false"), default=None,
+                   help="DINOv2 only: antialiased position-embedding resize (default: the hub's, "
+                        "true for register models)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     j = sub.add_parser("jax2torch", help="Orbax params dir -> official .pth state dict",
                        description="Write a state dict that the official vision_transformer.vit_*"

@@ -1,4 +1,4 @@
-"""Official PyTorch DINO state dicts <-> Flax params: reading ``.pth``/``.npz``
+"""Official PyTorch DINO and DINOv2 state dicts <-> Flax params: reading ``.pth``/``.npz``
 files, picking the backbone/head of a training checkpoint, detecting the
 architecture from tensor shapes, the name/layout mapping both ways, and writing
 ``.pth`` files (torch is imported only to read or write them). The library behind
@@ -6,14 +6,17 @@ architecture from tensor shapes, the name/layout mapping both ways, and writing
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 from typing import Mapping
 
 import numpy as np
 
-# Official widths -> heads (vision_transformer.vit_tiny/small/base).
-_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12}
+from dino_jax import paths
+
+# Official widths -> heads (DINO's vit_tiny/small/base, DINOv2's vit_large/giant2).
+_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1536: 24}
 
 
 class ConversionError(ValueError):
@@ -25,17 +28,27 @@ class ConversionError(ValueError):
 # --------------------------------------------------------------------------
 def read_state_dict(path: str) -> dict:
     """{name: np.ndarray or nested dict} from a ``.pth``/``.pt`` or ``.npz``."""
-    if not os.path.exists(path):
+    if paths.is_remote(path):  # gs://: read whole through the path layer, then as a local file
+        try:
+            paths.check_bucket(path)
+        except paths.PathError as e:
+            raise ConversionError(str(e)) from None
+        if not paths.isfile(path):
+            raise ConversionError(f"no such file: {path}")
+        local = io.BytesIO(paths.read_bytes(path))
+    elif not os.path.exists(path):
         raise ConversionError(f"no such file: {path}")
+    else:
+        local = path
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(local, allow_pickle=False) as data:
             return {k: np.asarray(data[k]) for k in data.files}
     try:
         import torch  # noqa: PLC0415 - only needed for .pth files
     except ImportError as e:
         raise ConversionError("reading a .pth needs PyTorch: pip install 'dino_jax[torch]'") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(local, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line
         raise ConversionError(f"cannot read {path} as a PyTorch checkpoint: {e}") from e
     return _to_numpy(obj)
@@ -80,6 +93,11 @@ def select_state_dict(raw: dict, checkpoint_key: str | None = "teacher") -> dict
             continue
         k = re.sub(r"^module\.", "", k)
         k = re.sub(r"^backbone\.", "", k)
+        if k.startswith(("dino_head.", "ibot_head.")):  # DINOv2 training heads: not converted
+            continue
+        # DINOv2 with block_chunks > 0 names block i ``blocks.<chunk>.<i>.``; the hub's
+        # backbones (block_chunks=0) name it ``blocks.<i>.``.
+        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)
         out[k] = v
     if not out:
         raise ConversionError("the checkpoint holds no tensors")
@@ -114,7 +132,11 @@ def detect_backbone_config(sd: Mapping[str, np.ndarray], num_heads: int | None =
     if side * side != n:
         raise ConversionError(f"pos_embed has {n} patch positions, not a square grid")
     fc1 = sd.get("blocks.0.mlp.fc1.weight")
-    mlp_ratio = float(fc1.shape[0]) / embed_dim if fc1 is not None else 4.0
+    w3 = sd.get("blocks.0.mlp.w3.weight")
+    if w3 is not None:
+        mlp_ratio = _swiglu_ratio(embed_dim, int(w3.shape[1]))
+    else:
+        mlp_ratio = float(fc1.shape[0]) / embed_dim if fc1 is not None else 4.0
     if num_heads is None:
         num_heads = _HEADS_BY_WIDTH.get(embed_dim)
         if num_heads is None:
@@ -125,8 +147,36 @@ def detect_backbone_config(sd: Mapping[str, np.ndarray], num_heads: int | None =
     cfg = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=int(num_heads),
                mlp_ratio=mlp_ratio, qkv_bias="blocks.0.attn.qkv.bias" in sd,
                img_size=side * patch_size, layer_norm_eps=1e-6, in_chans=in_chans)
+    if any(k in sd for k in _DINOV2_MARKERS):
+        regs = sd.get("register_tokens")
+        cfg.update(
+            num_register_tokens=int(regs.shape[1]) if regs is not None else 0,
+            # The init value is not in the weights; 1.0 is what the hub builds with.
+            layerscale_init=1.0 if "blocks.0.ls1.gamma" in sd else 0.0,
+            ffn="swiglu" if w3 is not None else "mlp",
+            mask_token="mask_token" in sd,
+            # Not in the weights either: the hub's settings, which go with the registers.
+            interpolate_offset=0.0 if regs is not None else 0.1,
+            interpolate_antialias=regs is not None)
     cfg["arch"] = arch_name(embed_dim, depth, num_heads)
     return cfg
+
+
+# Tensors only DINOv2 backbones have; any of them marks a DINOv2 state dict.
+_DINOV2_MARKERS = ("mask_token", "register_tokens", "blocks.0.ls1.gamma", "blocks.0.mlp.w12.weight")
+
+
+def swiglu_hidden(embed_dim: int, mlp_ratio: float) -> int:
+    """Hidden width of DINOv2's fused SwiGLU FFN: 2/3 of the MLP's, rounded up to 8."""
+    return (int(int(embed_dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+def _swiglu_ratio(embed_dim: int, hidden: int) -> float:
+    """The mlp_ratio that gives a SwiGLU hidden width (4.0, the hub's, when it fits)."""
+    for ratio in (4.0, hidden * 1.5 / embed_dim):
+        if swiglu_hidden(embed_dim, ratio) == hidden:
+            return ratio
+    raise ConversionError(f"SwiGLU hidden width {hidden} fits no mlp_ratio at width {embed_dim}")
 
 
 def detect_head_config(sd: Mapping[str, np.ndarray]) -> dict | None:
@@ -156,21 +206,30 @@ def detect_head_config(sd: Mapping[str, np.ndarray]) -> dict | None:
 # --------------------------------------------------------------------------
 # Name/layout mapping. Dense: kernel = weight.T; Conv: (D,C,p,p) -> (p,p,C,D).
 # --------------------------------------------------------------------------
-def _backbone_mapping(depth: int, qkv_bias: bool = True):
-    """[(torch name, flax path tuple, kind)] for every backbone tensor."""
+def _backbone_mapping(depth: int, qkv_bias: bool = True, variant: Mapping | None = None):
+    """[(torch name, flax path tuple, kind)] for every backbone tensor. ``variant``:
+    the DINOv2 fields of a model config (registers, LayerScale, ffn, mask token)."""
+    v = variant or {}
     m = [("cls_token", ("cls_token",), "id"), ("pos_embed", ("pos_embed",), "id"),
          ("patch_embed.proj.weight", ("patch_embed", "kernel"), "conv"),
          ("patch_embed.proj.bias", ("patch_embed", "bias"), "id"),
          ("norm.weight", ("norm", "scale"), "id"), ("norm.bias", ("norm", "bias"), "id")]
+    if v.get("num_register_tokens", 0):
+        m.append(("register_tokens", ("register_tokens",), "id"))
+    if v.get("mask_token", False):
+        m.append(("mask_token", ("mask_token",), "id"))
+    ffn = (("mlp.w12", ("mlp", "w12")), ("mlp.w3", ("mlp", "w3"))) if v.get("ffn") == "swiglu" \
+        else (("mlp.fc1", ("mlp", "fc1")), ("mlp.fc2", ("mlp", "fc2")))
     for i in range(depth):
         t, f = f"blocks.{i}.", f"blocks_{i}"
         for ln in ("norm1", "norm2"):
             m += [(t + ln + ".weight", (f, ln, "scale"), "id"), (t + ln + ".bias", (f, ln, "bias"), "id")]
-        for tn, fp in (("attn.qkv", ("attn", "qkv")), ("attn.proj", ("attn", "proj")),
-                       ("mlp.fc1", ("mlp", "fc1")), ("mlp.fc2", ("mlp", "fc2"))):
+        for tn, fp in (("attn.qkv", ("attn", "qkv")), ("attn.proj", ("attn", "proj"))) + ffn:
             m.append((t + tn + ".weight", (f, *fp, "kernel"), "dense"))
             if tn != "attn.qkv" or qkv_bias:
                 m.append((t + tn + ".bias", (f, *fp, "bias"), "id"))
+        if v.get("layerscale_init", 0.0):
+            m += [(t + ls + ".gamma", (f, ls, "gamma"), "id") for ls in ("ls1", "ls2")]
     return m
 
 
@@ -219,6 +278,10 @@ def _expected_shapes(model_cfg, head_cfg):
     n = (model_cfg["img_size"] // p) ** 2
     s = {"cls_token": (1, 1, d), "pos_embed": (1, n + 1, d), "patch_embed.proj.weight": (d, c, p, p),
          "patch_embed.proj.bias": (d,), "norm.weight": (d,), "norm.bias": (d,)}
+    if model_cfg.get("num_register_tokens", 0):
+        s["register_tokens"] = (1, model_cfg["num_register_tokens"], d)
+    if model_cfg.get("mask_token", False):
+        s["mask_token"] = (1, d)
     for i in range(model_cfg["depth"]):
         t = f"blocks.{i}."
         for ln in ("norm1", "norm2"):
@@ -227,8 +290,15 @@ def _expected_shapes(model_cfg, head_cfg):
         if model_cfg.get("qkv_bias", True):
             s[t + "attn.qkv.bias"] = (3 * d,)
         s[t + "attn.proj.weight"], s[t + "attn.proj.bias"] = (d, d), (d,)
-        s[t + "mlp.fc1.weight"], s[t + "mlp.fc1.bias"] = (hid, d), (hid,)
-        s[t + "mlp.fc2.weight"], s[t + "mlp.fc2.bias"] = (d, hid), (d,)
+        if model_cfg.get("ffn", "mlp") == "swiglu":
+            sh = swiglu_hidden(d, model_cfg["mlp_ratio"])
+            s[t + "mlp.w12.weight"], s[t + "mlp.w12.bias"] = (2 * sh, d), (2 * sh,)
+            s[t + "mlp.w3.weight"], s[t + "mlp.w3.bias"] = (d, sh), (d,)
+        else:
+            s[t + "mlp.fc1.weight"], s[t + "mlp.fc1.bias"] = (hid, d), (hid,)
+            s[t + "mlp.fc2.weight"], s[t + "mlp.fc2.bias"] = (d, hid), (d,)
+        if model_cfg.get("layerscale_init", 0.0):
+            s[t + "ls1.gamma"] = s[t + "ls2.gamma"] = (d,)
     if head_cfg:
         nl, hd, bd, od = (head_cfg["nlayers"], head_cfg["hidden_dim"], head_cfg["bottleneck_dim"],
                           head_cfg["out_dim"])
@@ -270,7 +340,7 @@ def torch_to_flax(sd: Mapping[str, np.ndarray], num_heads: int | None = None,
     head_cfg = detect_head_config(sd) if with_head else None
     _check_names_and_shapes(sd, model_cfg, head_cfg)
     backbone = {}
-    for tn, fp, kind in _backbone_mapping(model_cfg["depth"], model_cfg["qkv_bias"]):
+    for tn, fp, kind in _backbone_mapping(model_cfg["depth"], model_cfg["qkv_bias"], model_cfg):
         _set(backbone, fp, _to_flax(np.asarray(sd[tn], np.float32), kind))
     params = {"backbone": backbone}
     if head_cfg:
@@ -307,8 +377,12 @@ def flax_to_torch_backbone(params, prefix: str = "") -> dict[str, np.ndarray]:
     """Official backbone names -> arrays (what ``vit_*().load_state_dict(strict=True)`` takes)."""
     depth = sum(1 for k in params if re.fullmatch(r"blocks_\d+", k))
     qkv_bias = "bias" in params["blocks_0"]["attn"]["qkv"]
+    variant = dict(
+        num_register_tokens=params["register_tokens"].shape[1] if "register_tokens" in params else 0,
+        mask_token="mask_token" in params, layerscale_init=1.0 if "ls1" in params["blocks_0"] else 0.0,
+        ffn="swiglu" if "w12" in params["blocks_0"]["mlp"] else "mlp")
     return {prefix + tn: _to_torch(np.asarray(_get(params, fp)), kind)
-            for tn, fp, kind in _backbone_mapping(depth, qkv_bias)}
+            for tn, fp, kind in _backbone_mapping(depth, qkv_bias, variant)}
 
 
 def flax_to_torch_head(params, prefix: str = "head.") -> dict[str, np.ndarray]:
@@ -329,6 +403,6 @@ def write_pth(state_dict: Mapping, path: str) -> None:
             return {k: conv(v) for k, v in o.items()}
         return torch.from_numpy(np.array(o, np.float32, copy=True))
 
-    tmp = path + ".tmp"
-    torch.save(conv(state_dict), tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()  # one whole write: a temporary file renamed locally, one object on gs://
+    torch.save(conv(state_dict), buf)
+    paths.write_bytes(path, buf.getvalue())

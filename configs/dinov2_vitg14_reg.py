@@ -1,0 +1,42 @@
+"""DINOv2 ViT-g/14 with 4 registers (1,100 M parameters), as the DINOv2 hub builds it
+(``torch.hub.load("facebookresearch/dinov2", "dinov2_vitg14_reg")``).
+
+The released weights, converted (docs/dinov2.md lists every file):
+
+    python -m dino_jax.convert torch2jax --input dinov2_vitg14_reg4_pretrain.pth --output DIR
+
+give a params dir that every evaluator and extract take with --checkpoint DIR. This
+config gives the same architecture to the DINO trainer:
+
+    python -m dino_jax.main --config=configs/dinov2_vitg14_reg.py --workdir=DIR \
+        --config.data.tfds_data_dir=/path/to/tensorflow_datasets
+
+which trains with DINO's objective (DINOv2's own recipe, with iBOT, KoLeo and its
+data, is not implemented) at DINO's 224 px global crops; the 37 x 37 position grid
+of the 518 px hub model is interpolated to each crop.
+Sized for: feature extraction and evaluation on one GPU or TPU host; a train step's memory per
+chip: python benchmarks/tpu_aot.py --config configs/dinov2_vitg14_reg.py.
+Official result (DINOv2 README, the released weights): 83.7% k-NN, 87.1% linear on
+ImageNet.
+"""
+from dino_jax.config_defaults import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.arch = "custom"           # DINOv2's vit_giant2:
+    c.model.embed_dim = 1536
+    c.model.depth = 40
+    c.model.num_heads = 24
+    c.model.patch_size = 14
+    c.model.img_size = 518            # the hub models' position grid: 37 x 37
+    c.model.layerscale_init = 1.0     # hub: init_values=1.0
+    c.model.ffn = "swiglu"            # hub: ffn_layer="swiglufused"
+    c.model.num_register_tokens = 4
+    c.model.interpolate_offset = 0.0  # hub _reg: resize to the exact grid ...
+    c.model.interpolate_antialias = True  # ... with antialiasing
+    c.model.mask_token = True         # a parameter of the released weights
+    c.model.dtype = "auto"            # bfloat16 on GPU/TPU, float32 on CPU
+    c.data.source = "tfds"
+    c.data.tfds_name = "imagenet2012"
+    return c
