@@ -103,7 +103,9 @@ def folder_inputs(folder: str, patch: int, image_size: int | None = None,
     full = common.list_images(folder)
     if not full:
         raise EvalError(f"no image files ({' '.join(common.IMAGE_EXTENSIONS)}) under {folder}")
-    sizes = [_model_size(common.image_header_size(f), patch, image_size) for f in full]
+    # With image_size every image enters at S x S: no file header needs opening.
+    sizes = ([(image_size, image_size)] * len(full) if image_size else
+             [_model_size(common.image_header_size(f), patch, image_size) for f in full])
     prepare = _preparer(patch, image_size, resize_ratio)
     return Inputs(len(full), sizes, lambda i: prepare(common.read_image(full[i])),
                   [os.path.relpath(f, folder) for f in full])
@@ -153,9 +155,14 @@ def make_extract_fn(model, attention: bool):
     return jax.jit(fn)
 
 
-def extract(model, params, inputs: Inputs, batch_size: int = 64, attention: bool = False, progress=None):
+def extract(model, params, inputs: Inputs, batch_size: int = 64, attention: bool = False, progress=None,
+            sink=None, num_threads: int = 0):
     """(cls (N, D) float32, list of per-image attention maps (heads, h, w) or None).
-    Same-size images are batched; batches are padded so each size compiles once or a few times."""
+    Same-size images are batched (in index order when all share one size); batches are
+    padded so each size compiles once or a few times. Images are decoded by
+    ``num_threads`` threads (0: one per CPU) a few batches ahead of the model. With
+    ``sink``, each batch's ``(indices, cls, attention or None)`` is handed to
+    ``sink`` as it is made and nothing is kept (returns ``(None, None)``)."""
     if batch_size <= 0:
         raise EvalError(f"batch size must be positive, got {batch_size}")
     fn = make_extract_fn(model, attention)
@@ -163,20 +170,25 @@ def extract(model, params, inputs: Inputs, batch_size: int = 64, attention: bool
     by_size: dict = {}
     for i in range(n):
         by_size.setdefault(inputs.sizes[i], []).append(i)
-    cls = np.zeros((n, model.embed_dim), np.float32)
-    att = [None] * n if attention else None
+    cls = np.zeros((n, model.embed_dim), np.float32) if sink is None else None
+    att = [None] * n if attention and sink is None else None
     # A size's batches are padded to one shape: batch_size, or the power of two covering a
     # smaller group (so groups of different counts share compiled shapes).
     batches = [(idx[s:s + batch_size], min(batch_size, 1 << (len(idx) - 1).bit_length()))
                for idx in by_size.values() for s in range(0, len(idx), batch_size)]
     t0, every, done = time.time(), max(1, len(batches) // 10), 0
+    decoded = common.parallel_map(inputs.get, (i for idx, _ in batches for i in idx),
+                                  num_threads, ahead=2 * batch_size)
     for b, (idx, full) in enumerate(batches):
-        x = np.stack([inputs.get(i) for i in idx])
+        x = np.stack([next(decoded) for _ in idx])
         if len(idx) < full:
             x = np.concatenate([x, np.zeros((full - len(idx),) + x.shape[1:], x.dtype)])
         c, a = fn(params, x)
-        cls[idx] = np.asarray(c)[:len(idx)]
-        if attention:
+        if sink is not None:
+            sink(idx, np.asarray(c)[:len(idx)], np.asarray(a)[:len(idx)] if attention else None)
+        else:
+            cls[idx] = np.asarray(c)[:len(idx)]
+        if attention and sink is None:
             a = np.asarray(a)
             for j, i in enumerate(idx):
                 att[i] = a[j]
