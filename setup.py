@@ -9,6 +9,8 @@ setup(
     version="0.1.0",
     description="DINO (Caron et al. 2021) self-supervised ViT pre-training in JAX/Flax, "
                 "numerically matching the official PyTorch recipe.",
+    license="Apache-2.0",
+    license_files=["LICENSE", "CITATION.cff"],
     packages=find_packages(include=["dino_jax", "dino_jax.*"]),
     python_requires=">=3.11",
     install_requires=[
@@ -26,6 +28,9 @@ setup(
         # wheel is enough: TF never touches the accelerator here.
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9",
+        # tensorflow-datasets imports it when it prepares a dataset (the Fashion-MNIST
+        # fallback of the quickstart) without declaring it on Python >= 3.9.
+        "importlib-resources>=5",
     ],
     extras_require={
         # Accelerators: JAX's own extras, which pin the CUDA plugin / libtpu to the jax
@@ -33,8 +38,9 @@ setup(
         "cuda12": ["jax[cuda12]>=0.10"],   # NVIDIA GPU, CUDA 12 wheels (driver >= 525)
         "cuda13": ["jax[cuda13]>=0.10"],   # NVIDIA GPU, CUDA 13 wheels (driver >= 580)
         "tpu": ["jax[tpu]>=0.10"],         # Cloud TPU VM (installs libtpu)
-        # PyTorch only reads/writes official .pth files. 2.13.0 is the CPU wheel
-        # that lies on the dev/CI disk; any torch that loads DINO .pth files works.
+        # PyTorch only reads/writes official .pth files; any torch >= 2.0 does. On a
+        # CPU-only machine install PyTorch's CPU wheel first (docs/install.md):
+        # pip install torch --index-url https://download.pytorch.org/whl/cpu
         "torch": ["torch>=2.0"],
         # colabs/*.ipynb: plots, progress bars, scikit-image's bundled sample photos; nbclient,
         # nbformat and ipykernel (its python3 kernelspec) let tests/test_notebooks.py execute them.

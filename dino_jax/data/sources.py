@@ -73,6 +73,38 @@ def read_fashion_mnist(directory: str, split: str):
     return images, labels.astype(np.int32)
 
 
+def has_fashion_mnist_idx(directory: str, split: str) -> bool:
+    """Whether ``directory`` holds both IDX files (gzipped or not) of ``split``."""
+    return all(any(os.path.exists(os.path.join(directory, stem + ext)) for ext in (".gz", ""))
+               for stem in _IDX_FILES.get(split, ("",)))
+
+
+def tfds_fashion_mnist(split: str, data_dir: str | None):
+    """(images, labels) of TFDS ``fashion_mnist``, which TFDS downloads and prepares in
+    ``data_dir`` (None: ~/tensorflow_datasets) when it is not there yet."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415 - TFDS is imported lazily, as in TfdsSource
+
+    data = tfds.as_numpy(tfds.load("fashion_mnist", split=split, batch_size=-1, data_dir=data_dir))
+    return data["image"][..., 0], data["label"].astype(np.int32)
+
+
+def load_fashion_mnist(directory: str, split: str, tfds_data_dir: str | None = None):
+    """Fashion-MNIST from ``directory``'s IDX files; when that is Debian's default folder
+    and the files are absent, from TFDS ``fashion_mnist`` instead (downloaded if online).
+    Offline with neither, one error line names both ways to get the data."""
+    if directory != FASHION_MNIST_DIR or has_fashion_mnist_idx(directory, split) or split not in _IDX_FILES:
+        return read_fashion_mnist(directory, split)
+    log.info("Fashion-MNIST IDX files not in %s: using TFDS fashion_mnist", directory)
+    try:
+        return tfds_fashion_mnist(split, tfds_data_dir)
+    except Exception as e:  # noqa: BLE001 - offline download errors come in many types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"Fashion-MNIST not found: install Debian's IDX files (apt-get install "
+                        f"dataset-fashion-mnist) or run once online so that TFDS downloads "
+                        f"fashion_mnist to {tfds_data_dir or '~/tensorflow_datasets'} "
+                        f"(TFDS: {reason[:200]})") from e
+
+
 # --------------------------------------------------------------------------
 # Sources.
 # --------------------------------------------------------------------------
@@ -300,7 +332,8 @@ def make_source(data_cfg, split: str) -> Source:
     if kind in ("fashion_mnist", "image_folder"):
         base, sl = parse_split(split)
     if kind == "fashion_mnist":
-        images, labels = read_fashion_mnist(str(data_cfg.path or FASHION_MNIST_DIR), base)
+        images, labels = load_fashion_mnist(str(data_cfg.path or FASHION_MNIST_DIR), base,
+                                            data_cfg.tfds_data_dir)
         if sl is not None:
             idx = _sliced(len(labels), sl, split)
             images, labels = images[idx], labels[idx]
