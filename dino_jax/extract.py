@@ -33,16 +33,124 @@ probe use (``dino_jax.eval.common.eval_transform``): the shorter side to
 then torchvision's centre crop to S x S. Images of one size are batched
 together; every distinct size compiles the model once, so pass
 ``--image_size`` for folders of mixed sizes. The CLS token and the attention
-come from one forward pass. Python API: ``dino_jax.eval.features``.
+come from one forward pass. Images are decoded by a pool of threads a few
+batches ahead of the model, and the outputs are written to ``F.npz`` as they
+are made (the attention maps straight into the archive, the CLS rows through a
+temporary file beside it), so memory does not grow with the number of images.
+Python API: ``dino_jax.eval.features``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import zipfile
 
 import numpy as np
 
 from dino_jax.eval import common
+
+
+class NpzStreamWriter:
+    """An ``.npz`` archive (what ``np.savez`` writes: stored ``<name>.npy`` members) built
+    while the data is made: :meth:`begin` opens a member of known shape whose rows are
+    then :meth:`append`-ed in order; :meth:`put` adds a whole array. Written to a
+    temporary file and renamed on :meth:`close`, so a failed run leaves no half file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+        self.zf = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.member = None
+
+    def begin(self, name: str, shape, dtype) -> None:
+        self.member = self.zf.open(name + ".npy", "w", force_zip64=True)
+        np.lib.format.write_array_header_2_0(self.member, {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+            "shape": tuple(int(v) for v in shape)})
+
+    def append(self, rows: np.ndarray) -> None:
+        self.member.write(np.ascontiguousarray(rows).tobytes())
+
+    def end(self) -> None:
+        self.member.close()
+        self.member = None
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        with self.zf.open(name + ".npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+    def put_file(self, name: str, npy_path: str) -> None:
+        self.zf.write(npy_path, name + ".npy")
+
+    def close(self) -> None:
+        self.zf.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.member is not None:
+            self.member.close()
+        self.zf.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def write_features(model, params, inputs, output: str, batch_size: int = 64, attention: bool = False,
+                   progress=None) -> None:
+    """Extract ``inputs`` and write ``output`` (the layout of the module docstring) as the
+    batches come: attention maps go straight into the archive, CLS rows to a temporary
+    ``.npy`` beside it (in order when all images share one size, else written at their
+    index through a memory map) that joins the archive at the end."""
+    from dino_jax.eval import features  # noqa: PLC0415
+
+    n, d = len(inputs), model.embed_dim
+    one_size = len(set(inputs.sizes)) == 1
+    w = NpzStreamWriter(output)
+    cls_tmp = w.tmp + ".cls.npy"
+    try:
+        if one_size:
+            cls_file = open(cls_tmp, "wb")
+            np.lib.format.write_array_header_2_0(cls_file, {"descr": "<f4", "fortran_order": False, "shape": (n, d)})
+        else:
+            cls_file = np.lib.format.open_memmap(cls_tmp, "w+", np.float32, (n, d))
+        if attention and one_size:
+            h, wd = inputs.sizes[0]
+            w.begin("attention", (n, model.num_heads, h // model.patch_size, wd // model.patch_size), np.float32)
+
+        def sink(idx, cls, att):
+            if one_size:
+                cls_file.write(np.ascontiguousarray(cls, np.float32).tobytes())
+            else:
+                cls_file[idx] = cls
+            if att is None:
+                return
+            if one_size:
+                w.append(att.astype(np.float32))
+            else:
+                for i, a in zip(idx, att):
+                    w.put(f"attention/{i}", a.astype(np.float32))
+
+        features.extract(model, params, inputs, batch_size, attention, progress=progress, sink=sink)
+        if attention and one_size:
+            w.end()
+        if one_size:
+            cls_file.close()
+        else:
+            cls_file.flush()
+            del cls_file
+        w.put_file("cls", cls_tmp)
+        w.put("sizes", np.array(inputs.sizes, np.int32).reshape(-1, 2))
+        if inputs.paths is not None:
+            w.put("paths", np.array(inputs.paths))
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+    finally:
+        if os.path.exists(cls_tmp):
+            os.remove(cls_tmp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,21 +190,11 @@ def main(argv=None) -> int:
             raise common.EvalError(f"--batch_size must be positive, got {a.batch_size}")
         model, params = common.load_backbone(a.checkpoint, a.dtype)
         inputs = features.load_inputs(a.input, model.patch_size, image_size, a.resize_ratio)
-        sizes = np.array(inputs.sizes, np.int32).reshape(-1, 2)
         print(f"{len(inputs)} images, {len(set(inputs.sizes))} distinct size(s); "
               f"backbone width {model.embed_dim}, patch {model.patch_size}", flush=True)
-        cls, att = features.extract(model, params, inputs, a.batch_size, a.attention,
-                                    progress=lambda m: print(m, flush=True))
-        out = {"cls": cls, "sizes": sizes}
-        if inputs.paths is not None:
-            out["paths"] = np.array(inputs.paths)
-        if a.attention:
-            if len({m.shape for m in att}) == 1:
-                out["attention"] = np.stack(att)
-            else:
-                out.update({f"attention/{i}": m for i, m in enumerate(att)})
-        common.save_npz(a.output, out)
-        print(f"wrote {a.output}: cls {cls.shape}" + (", attention" if a.attention else ""))
+        write_features(model, params, inputs, a.output, a.batch_size, a.attention,
+                       progress=lambda m: print(m, flush=True))
+        print(f"wrote {a.output}: cls ({len(inputs)}, {model.embed_dim})" + (", attention" if a.attention else ""))
 
     return common.run_cli(body)
 
