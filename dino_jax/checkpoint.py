@@ -24,6 +24,8 @@ import traceback
 import jax
 import numpy as np
 
+from dino_jax import paths
+
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
 
@@ -40,10 +42,23 @@ def _ocp():
 
 def save_params_dir(out_dir: str, params: dict, model_cfg: dict, head_cfg: dict | None = None,
                     overwrite: bool = False, **extra) -> None:
-    """Write a params dir atomically (temp folder beside it, then rename)."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
+    """Write a params dir atomically (temp folder beside it, then rename); on an object
+    store (no rename) in place, ``model_config.json`` last, so that a half-written dir
+    is not a params dir (:func:`is_params_dir`)."""
+    out_dir = paths.abspath(out_dir)
+    if paths.exists(out_dir) and not overwrite:
         raise CheckpointError(f"{out_dir} exists (pass --overwrite to replace it)")
+    if paths.is_remote(out_dir):
+        paths.check_bucket(out_dir)
+        if paths.exists(out_dir):
+            paths.rmtree(out_dir)
+        tree = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+        ckptr = _ocp().StandardCheckpointer()
+        ckptr.save(paths.join(out_dir, PARAMS), tree)
+        ckptr.wait_until_finished()
+        paths.write_text(paths.join(out_dir, MODEL_CONFIG),
+                         json.dumps({"model": model_cfg, "head": head_cfg, **extra}, indent=1, sort_keys=True))
+        return
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
@@ -64,19 +79,19 @@ def save_params_dir(out_dir: str, params: dict, model_cfg: dict, head_cfg: dict 
 
 
 def is_params_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MODEL_CONFIG)) and os.path.isdir(os.path.join(path, PARAMS))
+    return paths.isfile(paths.join(path, MODEL_CONFIG)) and paths.isdir(paths.join(path, PARAMS))
 
 
 def load_params_dir(path: str):
     """(params, model_cfg, head_cfg) from a params dir."""
-    if not os.path.exists(path):
+    paths.check_bucket(path)
+    if not paths.exists(path):
         raise CheckpointError(f"no such checkpoint: {path}")
     if not is_params_dir(path):
         raise CheckpointError(f"{path} is not a params dir (expected {MODEL_CONFIG} and {PARAMS}/)")
-    with open(os.path.join(path, MODEL_CONFIG)) as f:
-        meta = json.load(f)
+    meta = json.loads(paths.read_text(paths.join(path, MODEL_CONFIG)))
     try:
-        params = _ocp().StandardCheckpointer().restore(os.path.join(os.path.abspath(path), PARAMS))
+        params = _ocp().StandardCheckpointer().restore(paths.join(paths.abspath(path), PARAMS))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot restore {path}/{PARAMS}: {str(e).splitlines()[0]}") from e
     return params, meta["model"], meta.get("head")
@@ -87,7 +102,8 @@ def load_backbone(path: str, dtype=None):
     training workdir (the teacher backbone of its latest complete checkpoint)."""
     from dino_jax.models import vit  # noqa: PLC0415
 
-    if not os.path.exists(path):
+    paths.check_bucket(path)
+    if not paths.exists(path):
         raise CheckpointError(f"no such checkpoint: {path}")
     if is_params_dir(path):
         params, model_cfg, _ = load_params_dir(path)
@@ -206,7 +222,8 @@ class TrainCheckpointer:
 
     def __init__(self, workdir: str, keep: int = 3, keep_every: int = 0, async_save: bool = True):
         ocp = _ocp()
-        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+        paths.check_bucket(workdir)
+        self.directory = paths.join(paths.abspath(workdir), CHECKPOINTS)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(int(keep), 1), keep_period=int(keep_every) or None,
             enable_async_checkpointing=async_save, create=True)
@@ -229,7 +246,7 @@ class TrainCheckpointer:
         for step in steps:
             verbosity = absl_logging.get_verbosity()
             absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's warnings about the damage
-            step_dir = os.path.join(self.directory, str(int(step)))
+            step_dir = paths.join(self.directory, str(int(step)))
             _SET_ASIDE_READ_NOISE.watch(step_dir)
             try:
                 host, meta = self.restore(step, host=True)
@@ -238,7 +255,7 @@ class TrainCheckpointer:
                 aside.append(step)
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" [tensorstore_spec=")[0]
                 log(f"checkpoint step {step} in {self.directory} is unreadable "
-                    f"({why[:400] + ('...' if len(why) > 400 else '')}): moved to {os.path.basename(new)}")
+                    f"({why[:400] + ('...' if len(why) > 400 else '')}): moved to {paths.basename(new)}")
                 continue
             finally:
                 absl_logging.set_verbosity(verbosity)
@@ -251,14 +268,17 @@ class TrainCheckpointer:
         return None
 
     def _set_aside(self, step: int, reason: str) -> str:
-        src = os.path.join(self.directory, str(int(step)))
-        dst = os.path.join(self.directory, f"{int(step)}.unreadable-{reason}")
+        """Move step ``step`` to ``<step>.unreadable-<reason>``: a rename on disk; on an
+        object store (no rename) a copy, then the deletion of the original, its commit
+        marker first (:func:`paths.move_tree`)."""
+        src = paths.join(self.directory, str(int(step)))
+        dst = paths.join(self.directory, f"{int(step)}.unreadable-{reason}")
         n = 1
-        while os.path.exists(dst + (f".{n}" if n > 1 else "")):
+        while paths.exists(dst + (f".{n}" if n > 1 else "")):
             n += 1
         dst += f".{n}" if n > 1 else ""
-        if jax.process_index() == 0 and os.path.exists(src):
-            os.rename(src, dst)
+        if jax.process_index() == 0 and paths.exists(src):
+            paths.move_tree(src, dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
@@ -284,7 +304,7 @@ class TrainCheckpointer:
         """Restore target placing every array on this process's first device: reads a
         checkpoint whatever topology (hosts, devices, fsdp) wrote it."""
         ocp = _ocp()
-        md = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(int(step)), "state"))
+        md = ocp.StandardCheckpointer().metadata(paths.join(self.directory, str(int(step)), "state"))
         tree = getattr(md, "item_metadata", md)
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), tree)
@@ -337,8 +357,9 @@ def to_global_array(target, host_value):
 def load_teacher_backbone_from_workdir(workdir: str, step: int | None = None):
     """(teacher backbone params as numpy, model_cfg) of checkpoint ``step`` (default: the
     latest complete one)."""
-    ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
-    if not os.path.isdir(ckpt_dir):
+    paths.check_bucket(workdir)
+    ckpt_dir = paths.join(paths.abspath(workdir), CHECKPOINTS)
+    if not paths.isdir(ckpt_dir):
         raise CheckpointError(f"{workdir} is neither a params dir nor a training workdir "
                               f"(no {CHECKPOINTS}/ and no {MODEL_CONFIG})")
     ckpt = TrainCheckpointer(workdir, async_save=False)

@@ -4,20 +4,52 @@ JSON-lines ``log.txt`` (one line per epoch of averaged ``train_*`` stats), and
 without TensorBoard; :func:`read_metrics`).
 
 Only process 0 writes; TensorBoard goes through tensorboardX so the core never
-imports TensorFlow.
+imports TensorFlow. The workdir may be a ``gs://`` URL (:mod:`dino_jax.paths`): an
+object cannot be appended to, so there the logs are kept in memory and each file is
+rewritten whole, at most every ``REMOTE_FLUSH_SECONDS`` and at every epoch end,
+:meth:`TrainLogger.flush` (the loop calls it at each checkpoint) and close.
 """
 from __future__ import annotations
 
 import datetime
 import json
-import os
 import sys
 import time
 from collections import defaultdict
 
 import numpy as np
 
+from dino_jax import paths
+
 METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "log.txt"
+# Least time between two rewrites of a log on an object store (module doc).
+REMOTE_FLUSH_SECONDS = 30.0
+
+
+class _LogFile:
+    """A text file lines are appended to: locally each append goes straight to the
+    file; on an object store the whole object is rewritten when :meth:`flush` is
+    called (its earlier content, e.g. a resumed run's, is read once and kept)."""
+
+    def __init__(self, path: str):
+        self.path, self.remote = path, paths.is_remote(path)
+        self._text = None  # remote: the object's content, appended to in memory
+        self.dirty = False
+
+    def append(self, text: str):
+        if not self.remote:
+            paths.append_text(self.path, text)
+            return
+        if self._text is None:
+            self._text = paths.read_text(self.path) if paths.exists(self.path) else ""
+        self._text += text
+        self.dirty = True
+
+    def flush(self):
+        if self.remote and self.dirty:
+            paths.write_text(self.path, self._text)
+            self.dirty = False
 
 
 def format_duration(seconds: float) -> str:
@@ -63,11 +95,17 @@ class TrainLogger:
         self.global_batch, self.is_main = global_batch, is_main
         self.stream = stream or sys.stdout
         self.writer = None
+        self.remote = paths.is_remote(workdir)
+        self._files = {name: _LogFile(paths.join(workdir, name)) for name in (METRICS_FILE, LOG_FILE)}
+        self._flushed_at = 0.0
         if is_main and tensorboard:
             try:
                 from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-                self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                # gs://: tensorboardX's own GCS writer (google-cloud-storage), which uploads
+                # the whole events file at each flush: flushed with the logs, not per step.
+                self.writer = SummaryWriter(paths.join(workdir, "tensorboard"),
+                                            flush_secs=int(REMOTE_FLUSH_SECONDS) if self.remote else 120)
             except ImportError:
                 self.print("tensorboardX is not installed: no TensorBoard events are written")
         self.epoch_avg = EpochAverager()
@@ -115,11 +153,20 @@ class TrainLogger:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"train/{k}", float(v), step)
             self.writer.add_scalar("train/images_per_second", rate, step)
-            self.writer.flush()
         if self.is_main:
             record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}, "images_per_second": rate}
-            with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._files[METRICS_FILE].append(json.dumps(record) + "\n")
+        self.flush(force=not self.remote or now - self._flushed_at >= REMOTE_FLUSH_SECONDS)
+
+    def flush(self, force: bool = True):
+        """Write what was logged (object store: rewrite the logs; see module doc)."""
+        if not force:
+            return
+        for f in self._files.values():
+            f.flush()
+        if self.writer is not None:
+            self.writer.flush()
+        self._flushed_at = time.time()
 
     def _check_collapse(self, step: int, metrics: dict):
         """One line (per epoch at most) when ``losses.collapse_flag`` held at this step."""
@@ -135,7 +182,7 @@ class TrainLogger:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
-            self.writer.flush()
+            self.flush(force=not self.remote)
 
     def end_epoch(self, epoch: int, extra: dict | None = None):
         """Append the official per-epoch JSON line ({"train_loss": ..., "epoch": e}) to log.txt."""
@@ -143,23 +190,25 @@ class TrainLogger:
         stats.update(extra or {})
         stats["epoch"] = epoch
         if self.is_main:
-            with open(os.path.join(self.workdir, "log.txt"), "a") as f:
-                f.write(json.dumps(stats) + "\n")
+            self._files[LOG_FILE].append(json.dumps(stats) + "\n")
+            self.flush()
         self.epoch_avg = EpochAverager()
         return stats
 
     def close(self):
+        for f in self._files.values():
+            f.flush()
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """The records of ``WORKDIR/metrics.jsonl`` sorted by step, one per step (a resumed
     run logs some steps again: the last record wins)."""
     by_step = {}
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                by_step[record["step"]] = record
+    for line in paths.read_text(paths.join(workdir, METRICS_FILE)).splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]

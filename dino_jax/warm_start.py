@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-from dino_jax import checkpoint, torch_weights
+from dino_jax import checkpoint, paths, torch_weights
 
 
 class WarmStartError(ValueError):
@@ -110,13 +110,17 @@ def _from_workdir(path: str) -> InitWeights:
 def read_init_weights(path: str, num_heads: int) -> InitWeights:
     """What ``path`` holds (see the module doc). ``num_heads``: the config's, since
     the head count is not in the tensor shapes."""
-    if not os.path.exists(path):
+    try:
+        paths.check_bucket(path)
+    except paths.PathError as e:
+        raise WarmStartError(f"init_from {path}: {e}") from e
+    if not paths.exists(path):
         raise WarmStartError(f"init_from {path} does not exist")
     try:
-        if os.path.isdir(path):
+        if paths.isdir(path):
             if checkpoint.is_params_dir(path):
                 return _from_params_dir(path)
-            if os.path.isdir(os.path.join(path, checkpoint.CHECKPOINTS)):
+            if paths.isdir(paths.join(path, checkpoint.CHECKPOINTS)):
                 return _from_workdir(path)
             raise WarmStartError(f"init_from {path} is a directory but neither a params dir "
                                  f"({checkpoint.MODEL_CONFIG} + {checkpoint.PARAMS}/) nor a training "

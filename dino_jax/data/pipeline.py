@@ -87,6 +87,17 @@ class _Positions:
     def position(self, c: int) -> int:
         return (c // self.b) * self.gb + self.h * self.b + c % self.b
 
+    def to_global(self, c: int) -> int:
+        """The host-count-free form of counter ``c`` that checkpoints store: global
+        examples before the batch holding ``c`` plus ``c``'s offset in it (the global
+        position of host 0's next example; ``c * process_count`` with no skips)."""
+        return (c // self.b) * self.gb + c % self.b
+
+    def from_global(self, g: int) -> int:
+        """Inverse of :meth:`to_global` for this host count: a run saved by any number
+        of hosts resumes at the same global batch on this one."""
+        return (g // self.gb) * self.b + g % self.gb
+
 
 class TrainIterator:
     """Per-host DINO batches: {'global_crops': (b, 2, G, G, 3), 'local_crops': (b, L, l, l, 3)}
@@ -117,7 +128,9 @@ class TrainIterator:
         self.until = "device" if data_cfg.device_augment else "all"
         self._pos = _Positions(n, global_batch_size, h, hc, self.seed)
         # Host-local counter of the next example; consumed-but-unreadable ones included.
-        self.counter = int(start_position) if start_position is not None else start_step * self.batch_size
+        # ``start_position`` is the global form (get_state), whatever host count saved it.
+        self.counter = (self._pos.from_global(int(start_position)) if start_position is not None
+                        else start_step * self.batch_size)
         self.skipped = 0
         self._it = iter(self._build(data_cfg, self.counter))
 
@@ -191,8 +204,10 @@ class TrainIterator:
         return int(tf.random.experimental.index_shuffle(tf.constant(i, tf.int64), key, self.num_examples - 1))
 
     def get_state(self) -> dict:
-        """Where the next batch starts (host-local counter, unreadable images included)."""
-        return {"position": int(self.counter), "skipped": int(self.skipped)}
+        """Where the next batch starts, independent of the host count: the global
+        position of host 0's next example (``_Positions.to_global``; unreadable
+        images included) and this host's count of skipped images."""
+        return {"position": int(self._pos.to_global(self.counter)), "skipped": int(self.skipped)}
 
 
 def create_train_iterator(data_cfg, global_batch_size: int, seed: int, start_step: int = 0,
@@ -295,7 +310,7 @@ class SupervisedIterator:
     """Linear-probe training batches {'image', 'label'}: RandomResizedCrop + flip, shuffled, repeating."""
 
     def __init__(self, data_cfg, split, batch_size, seed, image_size=None, process_index=None,
-                 process_count=None):
+                 process_count=None, start_step: int = 0):
         h, hc = _process(process_index, process_count)
         self.source = make_source(data_cfg, split)
         n = self.source.num_examples
@@ -319,10 +334,12 @@ class SupervisedIterator:
                 return {"image": augment.train_transform(image, seed_c, size), "label": label}
 
             ds = src.dataset(h, hc, shuffle_seed=int(seed)).repeat().shuffle(
-                int(data_cfg.shuffle_buffer), seed=int(seed)).enumerate()
+                int(data_cfg.shuffle_buffer), seed=int(seed)).enumerate().skip(start_step * self.batch_size)
             ds = ds.map(load_seq, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
         else:
-            ds = pos.dataset(0).map(load, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+            # Host-local counter c = start_step * b: the batches of an uninterrupted run from that step.
+            ds = pos.dataset(start_step * self.batch_size).map(load, num_parallel_calls=AUTOTUNE,
+                                                              deterministic=True).ignore_errors()
         self._it = iter(ds.batch(self.batch_size, drop_remainder=True).prefetch(2).with_options(_options()))
 
     def __iter__(self):
@@ -333,8 +350,10 @@ class SupervisedIterator:
 
 
 def create_supervised_train_iterator(data_cfg, split, batch_size, seed, image_size=None,
-                                     process_index=None, process_count=None):
-    return SupervisedIterator(data_cfg, split, batch_size, seed, image_size, process_index, process_count)
+                                     process_index=None, process_count=None, start_step: int = 0):
+    """Linear-probe batches, one source for every epoch (re-shuffled per epoch), from ``start_step``."""
+    return SupervisedIterator(data_cfg, split, batch_size, seed, image_size, process_index, process_count,
+                              start_step)
 
 
 def num_examples(data_cfg, split) -> int:

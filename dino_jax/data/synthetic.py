@@ -6,9 +6,9 @@ Every step's global batch ``{'global_crops': (B, 2, G, G, 3), 'local_crops':
 (B, L, l, l, 3)}`` is drawn by one jitted function with ``jax.random`` straight into
 the batch sharding, so nothing crosses from the host but the step number: 8-bit
 values, as decoded pixels are, spread uniformly over [-2, 2] (about the range of
-ImageNet-normalised pixels), four from each random 32-bit word (a float32 uniform
-per value cost 4 ms a quickstart-sized batch on 2 CPU cores, 4% of the step the
-loop benchmark times; 0.9 ms this way). Batch k is a
+ImageNet-normalised pixels), four from each random 32-bit word (a quarter of the
+random bits a float32 uniform per value would draw, so the batch costs little
+beside the step the loop benchmark times). Batch k is a
 function of (seed, k) only: a resumed run sees the batches an uninterrupted one
 would. Not images: the loss trains on noise, so use it for speed, never for
 features.
@@ -51,7 +51,7 @@ class SyntheticIterator:
         self.steps_per_epoch = self.num_examples // self.global_batch_size
         g, l, nl = int(data_cfg.global_crop_size), int(data_cfg.local_crop_size), int(data_cfg.num_local_crops)
         b = self.global_batch_size
-        self.step = int(state["position"]) // self.batch_size if state else int(start_step)
+        self.step = int(state["position"]) // self.global_batch_size if state else int(start_step)
         self._key = jax.random.PRNGKey(int(seed))
 
         def draw(key, step):  # the key as an argument: a captured array would be read at lowering
@@ -72,5 +72,5 @@ class SyntheticIterator:
         return batch
 
     def get_state(self) -> dict:
-        """Where the next batch starts, in ``TrainIterator``'s format (host-local position)."""
-        return {"position": self.step * self.batch_size, "skipped": 0}
+        """Where the next batch starts, in ``TrainIterator``'s format (global position)."""
+        return {"position": self.step * self.global_batch_size, "skipped": 0}
