@@ -24,6 +24,10 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "tensorboardX>=2.6",
+        # gs:// paths (dino_jax/paths.py): etils.epath through fsspec's gcsfs, which also
+        # brings google-cloud-storage (tensorboardX's gs:// event writer).
+        "gcsfs>=2024.2",
+        "google-cloud-storage>=2.0",
         # tf.data input pipeline (only dino_jax/data imports TensorFlow). The CPU
         # wheel is enough: TF never touches the accelerator here.
         "tensorflow-cpu>=2.16",
@@ -45,7 +49,8 @@ setup(
         # colabs/*.ipynb: plots, progress bars, scikit-image's bundled sample photos; nbclient,
         # nbformat and ipykernel (its python3 kernelspec) let tests/test_notebooks.py execute them.
         "notebooks": NOTEBOOKS,
-        "test": ["pytest>=8", "torch>=2.0", *NOTEBOOKS],
+        # gcp-storage-emulator: the local GCS server tests/test_gcs.py runs against.
+        "test": ["pytest>=8", "torch>=2.0", "gcp-storage-emulator>=2024.1", *NOTEBOOKS],
         # benchmarks/make_photo_folder.py: the bundled sample photographs of both.
         "bench": ["scikit-image>=0.22", "scikit-learn>=1.3"],
     },
