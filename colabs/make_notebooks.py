@@ -15,7 +15,8 @@ import sys
 import nbformat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Placeholder owner: set REPO_URL in the first cell (and the README badges) to your repository.
+# Placeholder owner: on Colab, set REPO_URL in the first cell to the repository the notebook was
+# opened from (colabs/README.md says how to open the notebooks in Colab).
 REPO_URL = "https://github.com/OWNER/dino_jax"
 
 
