@@ -131,7 +131,8 @@ def test_front_page_is_a_front_page():
 @pytest.mark.parametrize("page", DOCS + OTHER_PAGES, ids=lambda p: os.path.relpath(p, REPO))
 def test_pages_speak_of_the_project_not_of_its_development(page):
     text = open(page).read()
-    hits = re.findall(r"\bstop \d+|\bissue \d+|/work/|/tmp/tvenv|\.devkit|/root/|github\.com/OWNER", text)
+    # (character classes keep this file itself free of the strings it looks for)
+    hits = re.findall(r"\bstop \d+|\bissue \d+|/wor[k]/|/tmp/tven[v]|\.devki[t]|/roo[t]/|github\.com/OWNE[R]", text)
     assert not hits, f"{os.path.relpath(page, REPO)}: {hits}"
 
 
