@@ -98,22 +98,43 @@ def test_docs_link_every_docs_page_from_the_readme():
     assert pages <= readme_links, f"docs pages the README's map does not link: {sorted(pages - readme_links)}"
 
 
+def shown_commands():
+    """{(module, subcommand or ''): set of --flags shown with it} over every page
+    (continuation lines joined, comments dropped; --config.* overrides are config
+    fields, which the configs page checks)."""
+    shown = {}
+    for page in DOCS + OTHER_PAGES:
+        text = open(page).read().replace("\\\n", " ")
+        for m in re.finditer(r"python3? -m (dino_jax(?:\.\w+)+)([^\n`|]*)", text):
+            rest = m.group(2).split(" #")[0]
+            sub = re.match(r"\s+([a-z]\w*2\w*)\b", rest)   # convert's torch2jax / jax2torch
+            flags = {f for f in re.findall(r"(?<![\w-])--([a-z]\w*)", rest)}
+            shown.setdefault((m.group(1), sub.group(1) if sub else ""), set()).update(flags)
+    return shown
+
+
 def test_every_program_shown_answers_help():
-    modules = sorted({m for p in DOCS + OTHER_PAGES for m in MODULE.findall(open(p).read())})
-    assert "dino_jax.main" in modules and "dino_jax.convert" in modules
+    shown = shown_commands()
+    programs = sorted(shown)
+    assert ("dino_jax.main", "") in programs and ("dino_jax.convert", "torch2jax") in programs
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, DINO_JAX_NO_TCMALLOC="1")
 
-    def run(module):
-        r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=env,
+    def run(program):
+        module, sub = program
+        r = subprocess.run([sys.executable, "-m", module, *([sub] if sub else []), "--help"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
-        return module, r.returncode, r.stdout + r.stderr
+        return program, r.returncode, r.stdout + r.stderr
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(run, modules))
+        results = list(pool.map(run, programs))
     # argparse exits 0 after --help; absl exits 1 by design, after its usage and "Try --helpfull".
     bad = [(m, rc, out[-300:]) for m, rc, out in results
            if not (rc == 0 or (rc == 1 and "Try --helpfull" in out)) or "Traceback" in out or " --" not in out]
     assert not bad, bad
+    # Every flag a page shows with a program is one the program has.
+    unknown = [(m, f) for m, _, out in results for f in sorted(shown[m])
+               if not re.search(rf"(?<![\w-])--(\[no\])?{f}\b", out)]
+    assert not unknown, f"flags shown in the docs that the program's --help does not list: {unknown}"
 
 
 def test_front_page_is_a_front_page():
