@@ -238,14 +238,14 @@ print(f"trained {top1[1]:.2f}% vs random init {top1[0]:.2f}% ({top1[1] - top1[0]
 L2-normalised CLS features of test images, projected on their first two principal components."""),
     ("code", """from dino_jax import checkpoint
 from dino_jax.data import pipeline
-from dino_jax.eval import common, knn
+from dino_jax.eval import common, features
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle boot"]
 model, trained_params = checkpoint.load_backbone(WORKDIR)
 size = config.data.eval_image_size
 random_params = model.init(jax.random.PRNGKey(config.seed), np.zeros((1, size, size, 3), np.float32))["params"]
-feature_fn = knn.make_feature_fn(model)
+feature_fn = features.feature_fn(model, "cls", normalize=True)
 fig, axes = plt.subplots(1, 2, figsize=(13, 5))
 for ax, (name, params) in zip(axes, tqdm([("trained teacher", trained_params), ("random init", random_params)],
                                          desc="features")):

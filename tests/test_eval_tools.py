@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dino_jax import checkpoint, extract, visualize_attention
-from dino_jax.eval import attention, common
+from dino_jax.eval import attention, common, features
 from dino_jax.data.sources import read_fashion_mnist
 from dino_jax.eval import linear
 from dino_jax.models import vit
@@ -80,12 +80,12 @@ def test_linear_features_official_layout():
     model, params = _tiny_model()
     x = jax.random.normal(jax.random.key(1), (3, 28, 28, 3))
     inter = [np.asarray(o) for o in model.apply({"params": params}, x, n=2, method="get_intermediate_layers")]
-    got = np.asarray(linear.linear_features(model, params, x, n_last_blocks=2))
+    got = np.asarray(features.forward(model, params, x, "linear", n_last_blocks=2))
     np.testing.assert_array_equal(got, np.concatenate([o[:, 0] for o in inter], -1))
     # ViT-B layout: torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1).
     last = np.asarray(model.apply({"params": params}, x, n=1, method="get_intermediate_layers")[0])
     want = np.stack([last[:, 0], last[:, 1:].mean(1)], -1).reshape(3, -1)
-    got = np.asarray(linear.linear_features(model, params, x, n_last_blocks=1, avgpool=True))
+    got = np.asarray(features.forward(model, params, x, "linear", n_last_blocks=1, avgpool=True))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert got.shape[1] == linear.feature_dim(model, 1, True) == 64
 
@@ -246,15 +246,14 @@ def test_extract_folder_and_npz_agree_with_the_model(tiny_ckpt, fmnist_png_dir, 
                          "--image_size", "28", "32"]) == 1
     assert "evaluation crop is square" in capsys.readouterr().err
     h = np.load(tmp_path / "h.npz")
-    import ml_collections
-
+    from dino_jax.config_defaults import base_config
     from dino_jax.data import pipeline
-    from dino_jax.eval import knn
 
-    cfg = ml_collections.ConfigDict(dict(source="fashion_mnist", path=FMNIST, eval_image_size=28,
-                                         eval_resize_ratio=256 / 224, num_parallel_calls=1))
+    cfg = base_config().data
+    cfg.update(dict(source="fashion_mnist", path=FMNIST, eval_image_size=28, eval_resize_ratio=256 / 224,
+                    num_parallel_calls=1))
     it = pipeline.create_eval_iterator(cfg, "test", 8, max_examples=len(images))
-    knn_feats, _ = common.iterator_features(knn.make_feature_fn(model), params, it)
+    knn_feats, _ = common.iterator_features(features.feature_fn(model, "cls", normalize=True), params, it)
     np.testing.assert_allclose(h["cls"] / np.linalg.norm(h["cls"], axis=1, keepdims=True), knn_feats,
                                rtol=0, atol=1e-5)
     assert np.abs(h["cls"] - g["cls"]).max() > 1e-2

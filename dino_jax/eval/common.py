@@ -12,6 +12,7 @@ the same features for the same image.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import os
@@ -52,15 +53,48 @@ def run_cli(body) -> int:
         return 1
 
 
-def tool_parser(prog: str, description: str, dtype: bool = True):
-    """An argparse parser with the options every evaluation tool shares: ``--checkpoint``
-    (and ``--dtype``)."""
-    import argparse  # noqa: PLC0415
+COMPILATION_CACHE_ENV = "DINO_JAX_COMPILATION_CACHE"
 
-    ap = argparse.ArgumentParser(prog=prog, description=description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def default_compilation_cache_dir() -> str:
+    """``$DINO_JAX_COMPILATION_CACHE`` if set (empty: no cache), else
+    ``$XDG_CACHE_HOME/dino_jax/jax_compilation_cache`` (``~/.cache`` without XDG_CACHE_HOME)."""
+    if COMPILATION_CACHE_ENV in os.environ:
+        return os.environ[COMPILATION_CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dino_jax", "jax_compilation_cache")
+
+
+def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in ``path`` ('' leaves it off): a second run of an
+    evaluation program loads its compiled feature and propagation programs from disk instead
+    of compiling them again (JAX caches programs that took at least
+    ``jax_persistent_cache_min_compile_time_secs``, 1 s by default, to compile)."""
+    if path:
+        import jax  # noqa: PLC0415
+
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+
+
+class _ToolParser(argparse.ArgumentParser):
+    """An ArgumentParser that turns on the compilation cache its flag names once parsed."""
+
+    def parse_args(self, args=None, namespace=None):
+        a = super().parse_args(args, namespace)
+        enable_compilation_cache(a.compilation_cache_dir)
+        return a
+
+
+def tool_parser(prog: str, description: str, dtype: bool = True):
+    """An argparse parser with the options every evaluation tool shares: ``--checkpoint``,
+    ``--compilation_cache_dir`` (turned on by ``parse_args``) and ``--dtype``."""
+    ap = _ToolParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
                     help="params dir (convert torch2jax / export) or training workdir (its teacher backbone)")
+    ap.add_argument("--compilation_cache_dir", default=default_compilation_cache_dir(),
+                    help=f"JAX's persistent compilation cache: later runs reuse the compiled programs "
+                         f"('' turns it off; default ${COMPILATION_CACHE_ENV} if set, else "
+                         f"~/.cache/dino_jax/jax_compilation_cache, under $XDG_CACHE_HOME when that is set)")
     if dtype:
         ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="backbone compute dtype (float32 reproduces the official features to 1e-4)")
@@ -216,12 +250,6 @@ def data_config_from_args(a):
                   train_split=a.train_split, eval_split=a.eval_split, eval_image_size=a.image_size,
                   eval_resize_ratio=a.resize_ratio))
     return c
-
-
-def l2_normalize(x, eps: float = 1e-12):
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def iterator_features(feature_fn, params, eval_iterator, mesh=None, progress=None):

@@ -21,10 +21,14 @@ import functools
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from dino_jax import sharding
 from dino_jax.eval import common
 from dino_jax.eval.common import EvalError
+from dino_jax.models.head import l2_normalize
 
 
 class Inputs:
@@ -135,24 +139,71 @@ def load_inputs(path: str, patch: int, image_size: int | None = None, resize_rat
     return array_inputs(images, patch, image_size, resize_ratio, what=f"'images' in {path}")
 
 
-@functools.lru_cache(maxsize=16)
-def make_extract_fn(model, attention: bool):
-    """Jitted ``(params, images NHWC) -> (cls (B, D), CLS-to-patch attention (B, heads, h, w)
-    or None)``; one forward pass gives both."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+def prefix_tokens(backbone) -> int:
+    """Tokens before the patches in the backbone's sequence: the CLS token, then any register
+    tokens (DINO's ViTs have none)."""
+    return 1 + int(getattr(backbone, "num_register_tokens", 0))
 
-    p = model.patch_size
 
-    def fn(params, x):
-        v = {"params": params}
-        if not attention:
-            return model.apply(v, x).astype(jnp.float32), None
-        tokens, att = model.apply(v, x, method="get_tokens_and_attention")
-        att = att[:, :, 0, 1:].reshape(x.shape[0], att.shape[1], x.shape[1] // p, x.shape[2] // p)
+def forward(backbone, params, images, output: str = "cls", normalize: bool = False,
+            n_last_blocks: int = 1, avgpool: bool = False):
+    """The features of ``images`` (NHWC, normalised) the evaluations use, float32:
+
+    - ``'cls'``: (B, D), the backbone's CLS feature (its ``__call__``); L2-normalised
+      with ``normalize`` (k-NN, retrieval);
+    - ``'cls_attention'``: (CLS (B, D), the last block's CLS-to-patch attention
+      (B, heads, h, w)) from one forward pass (extract, visualisation);
+    - ``'tokens'``: (CLS (B, D), patch tokens (B, N, D)) of the final normalised tokens
+      (copy detection, video segmentation);
+    - ``'linear'``: (B, D * (n_last_blocks + avgpool)), the linear probe's concatenated CLS
+      tokens of the last ``n_last_blocks`` blocks, with ``avgpool`` the last block's mean
+      patch token interleaved as the official eval_linear lays it out.
+    """
+    v = {"params": params}
+    r = prefix_tokens(backbone)
+    if output == "cls":
+        cls = backbone.apply(v, images).astype(jnp.float32)
+        return l2_normalize(cls) if normalize else cls
+    if output == "cls_attention":
+        p = backbone.patch_size
+        tokens, att = backbone.apply(v, images, method="get_tokens_and_attention")
+        att = att[:, :, 0, r:].reshape(images.shape[0], att.shape[1], images.shape[1] // p, images.shape[2] // p)
         return tokens[:, 0].astype(jnp.float32), att.astype(jnp.float32)
+    if output == "tokens":
+        tokens = backbone.apply(v, images, method="get_tokens").astype(jnp.float32)
+        return tokens[:, 0], tokens[:, r:]
+    if output == "linear":
+        outs = backbone.apply(v, images, n=n_last_blocks, method="get_intermediate_layers")
+        feats = jnp.concatenate([o[:, 0] for o in outs], axis=-1).astype(jnp.float32)
+        if avgpool:
+            # Official: cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1).
+            mean = jnp.mean(outs[-1][:, r:].astype(jnp.float32), axis=1)
+            feats = jnp.stack([feats, mean], axis=-1).reshape(feats.shape[0], -1)
+        return feats
+    raise ValueError(f"unknown feature output {output!r}")
 
-    return jax.jit(fn)
+
+@functools.lru_cache(maxsize=32)
+def feature_fn(backbone, output: str = "cls", normalize: bool = False, mesh=None, n_last_blocks: int = 1,
+               avgpool: bool = False):
+    """Jitted ``(params, images) -> forward(...)`` (see :func:`forward`), built once per backbone
+    and settings and reused by every evaluation (periodic ones included, so a training run
+    compiles each feature program once). With ``mesh`` the batch is split over it and the
+    params are replicated."""
+    fn = functools.partial(forward, backbone, output=output, normalize=normalize,
+                           n_last_blocks=n_last_blocks, avgpool=avgpool)
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.batch_sharding(mesh))
+
+
+def make_extract_fn(model, attention: bool):
+    """``(params, images) -> (cls (B, D), CLS-to-patch attention (B, heads, h, w) or None)``."""
+    if attention:
+        return feature_fn(model, "cls_attention")
+    fn = feature_fn(model, "cls")
+    return lambda params, x: (fn(params, x), None)
 
 
 def extract(model, params, inputs: Inputs, batch_size: int = 64, attention: bool = False, progress=None,

@@ -21,27 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax.eval import common
-
-
-# --------------------------------------------------------------------------
-# Features.
-# --------------------------------------------------------------------------
-def make_feature_fn(model, mesh=None, method=None):
-    """Jitted ``(params, images) -> L2-normalised features``, batch split over the mesh."""
-    def fn(params, images):
-        if method is None:
-            out = model.apply({"params": params}, images)
-        else:
-            out = model.apply({"params": params}, images, method=method)
-        return common.l2_normalize(out.astype(jnp.float32))
-
-    if mesh is None:
-        return jax.jit(fn)
-    from dino_jax import sharding  # noqa: PLC0415
-
-    return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.batch_sharding(mesh))
+from dino_jax import sharding
+from dino_jax.eval import base, common, features
 
 
 # --------------------------------------------------------------------------
@@ -112,17 +93,18 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=(10, 20,
     return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
 
 
-def knn_evaluate(model, params, data_cfg, train_split="train", eval_split="test", k=20,
+def knn_evaluate(backbone, params, data_cfg, train_split="train", eval_split="test", k=20,
                  temperature=0.07, batch_size=256, mesh=None, max_train_examples=None,
                  max_eval_examples=None, ks=None, image_size=None, progress=None) -> dict:
-    """Features of both splits with ``model``/``params``, then k-NN. Returns
-    {'knn_top1', 'knn_top5'} for ``k`` and {'per_k': {k: (top1, top5)}} for ``ks``."""
-    from dino_jax.data import pipeline  # noqa: PLC0415
+    """Features of both splits with ``backbone``/``params``, then k-NN. Returns
+    {'knn_top1', 'knn_top5'} for ``k`` and {'per_k': {k: (top1, top5)}} for ``ks``.
+    With a mesh each host reads its shard of both splits; every host gets all features."""
+    from dino_jax.data import pipeline  # noqa: PLC0415  (TensorFlow, only when k-NN runs)
 
     if mesh is not None:
         n_dev = mesh.devices.size
         batch_size = int(math.ceil(batch_size / n_dev) * n_dev)
-    fn = make_feature_fn(model, mesh)
+    fn = features.feature_fn(backbone, "cls", normalize=True, mesh=mesh)
     per_host = batch_size // jax.process_count()
     tr = pipeline.create_eval_iterator(data_cfg, train_split, per_host, image_size,
                                        max_examples=max_train_examples)
@@ -140,6 +122,40 @@ def knn_evaluate(model, params, data_cfg, train_split="train", eval_split="test"
             "num_train": len(train_f), "num_test": len(test_f)}
 
 
+class KnnEvaluator(base.Evaluator):
+    """The official weighted k-NN of the backbone's CLS features: ``knn_top1``/``knn_top5``
+    (percent) for ``settings.k``, and ``knn_top1_k<K>``/``knn_top5_k<K>`` for each of ``ks``.
+
+    ``settings``: the ``config.evals.knn`` block (every_epochs, train_split, eval_split, k,
+    temperature, max_train_examples, max_eval_examples, batch_size); ``data_cfg``: the data
+    config whose source both splits come from (and its evaluation transform)."""
+    name = "knn"
+
+    def __init__(self, settings, data_cfg, mesh=None, ks=(), progress=None):
+        super().__init__(settings["every_epochs"])
+        if not settings["eval_split"]:
+            raise common.EvalError("k-NN needs a split to classify: set evals.knn.eval_split, or turn "
+                                   "k-NN off with evals.knn.every_epochs=-1")
+        self.settings, self.data_cfg, self.mesh = settings, data_cfg, mesh
+        self.ks, self.progress = tuple(int(k) for k in ks), progress
+        self.num_train = self.num_test = 0
+
+    def run(self, backbone, params) -> dict:
+        s = self.settings
+        res = knn_evaluate(backbone, params, self.data_cfg, train_split=s["train_split"],
+                           eval_split=s["eval_split"], k=int(s["k"]), temperature=float(s["temperature"]),
+                           batch_size=int(s["batch_size"]), mesh=self.mesh,
+                           max_train_examples=int(s["max_train_examples"]) or None,
+                           max_eval_examples=int(s["max_eval_examples"]) or None, ks=self.ks,
+                           progress=self.progress)
+        self.num_train, self.num_test = res["num_train"], res["num_test"]
+        out = {"knn_top1": float(res["knn_top1"]), "knn_top5": float(res["knn_top5"])}
+        for kk in self.ks:
+            t1, t5 = res["per_k"][min(kk, res["num_train"])]
+            out[f"knn_top1_k{kk}"], out[f"knn_top5_k{kk}"] = float(t1), float(t5)
+        return out
+
+
 # --------------------------------------------------------------------------
 # CLI.
 # --------------------------------------------------------------------------
@@ -154,19 +170,18 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     def body():
-        from dino_jax import sharding  # noqa: PLC0415
-
         model, params = common.load_backbone(a.checkpoint, a.dtype)
-        res = knn_evaluate(model, params, common.data_config_from_args(a), a.train_split, a.eval_split,
-                           k=a.nb_knn[0], temperature=a.temperature, batch_size=a.batch_size,
-                           mesh=sharding.make_mesh(1), max_train_examples=a.max_train_examples or None,
-                           max_eval_examples=a.max_eval_examples or None, ks=a.nb_knn,
-                           progress=lambda m: print(m, flush=True))
-        print(f"{res['num_train']} train / {res['num_test']} test images, T={a.temperature}")
-        for k, (t1, t5) in res["per_k"].items():
-            print(f"{k}-NN classifier result: Top1: {t1:.2f}, Top5: {t5:.2f}")
-        print(json.dumps({f"top1_k{k}": v[0] for k, v in res["per_k"].items()}
-                         | {f"top5_k{k}": v[1] for k, v in res["per_k"].items()}))
+        settings = dict(every_epochs=0, train_split=a.train_split, eval_split=a.eval_split, k=a.nb_knn[0],
+                        temperature=a.temperature, max_train_examples=a.max_train_examples,
+                        max_eval_examples=a.max_eval_examples, batch_size=a.batch_size)
+        ev = KnnEvaluator(settings, common.data_config_from_args(a), mesh=sharding.make_mesh(1), ks=a.nb_knn,
+                          progress=lambda m: print(m, flush=True))
+        res = ev.run(model, params)
+        print(f"{ev.num_train} train / {ev.num_test} test images, T={a.temperature}")
+        for k in a.nb_knn:
+            print(f"{k}-NN classifier result: Top1: {res[f'knn_top1_k{k}']:.2f}, Top5: {res[f'knn_top5_k{k}']:.2f}")
+        print(json.dumps({f"top1_k{k}": res[f"knn_top1_k{k}"] for k in a.nb_knn}
+                         | {f"top5_k{k}": res[f"knn_top5_k{k}"] for k in a.nb_knn}))
 
     return common.run_cli(body)
 

@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dino_jax.eval import common
+from dino_jax import sharding
+from dino_jax.eval import base, common, features
+from dino_jax.models import vit
 
 WEIGHTS = "linear_weights.npz"
 CHECKPOINT = "checkpoint.npz"
@@ -52,18 +54,6 @@ CHECKPOINT = "checkpoint.npz"
 # --------------------------------------------------------------------------
 # Features and classifier.
 # --------------------------------------------------------------------------
-def linear_features(model, params, images, n_last_blocks: int = 4, avgpool: bool = False):
-    """(B, dim) float32: concatenated CLS tokens of the last ``n_last_blocks`` blocks
-    [+ the last block's mean patch token, interleaved as the official code does]."""
-    outs = model.apply({"params": params}, images, n=n_last_blocks, method="get_intermediate_layers")
-    feats = jnp.concatenate([o[:, 0] for o in outs], axis=-1).astype(jnp.float32)
-    if avgpool:
-        # Official: cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1).
-        mean = jnp.mean(outs[-1][:, 1:].astype(jnp.float32), axis=1)
-        feats = jnp.stack([feats, mean], axis=-1).reshape(feats.shape[0], -1)
-    return feats
-
-
 def feature_dim(model, n_last_blocks: int, avgpool: bool) -> int:
     return model.embed_dim * (n_last_blocks + int(avgpool))
 
@@ -90,10 +80,9 @@ def epoch_lr(base_lr: float, epoch: int, epochs: int) -> float:
 
 
 def make_train_step(model, tx, n_last_blocks, avgpool, mesh):
-    from dino_jax import sharding  # noqa: PLC0415
-
     def step(lin, opt_state, backbone, images, labels, lr):
-        feats = jax.lax.stop_gradient(linear_features(model, backbone, images, n_last_blocks, avgpool))
+        feats = jax.lax.stop_gradient(features.forward(model, backbone, images, "linear",
+                                                       n_last_blocks=n_last_blocks, avgpool=avgpool))
 
         def loss_fn(lin):
             logits = apply_linear(lin, feats)
@@ -109,32 +98,51 @@ def make_train_step(model, tx, n_last_blocks, avgpool, mesh):
                    donate_argnums=(0, 1))
 
 
-def make_feature_fn(model, n_last_blocks, avgpool, mesh):
-    """Jitted ``(backbone params, images) -> linear-probe features`` split over the mesh
-    (the shape :func:`dino_jax.eval.common.iterator_features` expects)."""
-    from dino_jax import sharding  # noqa: PLC0415
-
-    fn = partial(linear_features, model, n_last_blocks=n_last_blocks, avgpool=avgpool)
-    return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.batch_sharding(mesh))
+VAL_CHUNK = 8192  # validation rows scored per device call: bounds the logits' memory
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """{'acc1', 'acc5' (when >= 5 classes), 'loss'} in percent, as utils.accuracy."""
-    logits = np.asarray(logits, np.float64)
-    labels = np.asarray(labels)
-    order = np.argsort(-logits, axis=1, kind="stable")
-    out = {"acc1": 100.0 * float(np.mean(order[:, 0] == labels))}
-    if logits.shape[1] >= 5:
-        out["acc5"] = 100.0 * float(np.mean((order[:, :5] == labels[:, None]).any(axis=1)))
-    z = logits - logits.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    out["loss"] = float(-np.mean(logp[np.arange(len(labels)), labels]))
+class ValSet:
+    """Validation features and labels on the device once, in padded chunks of ``VAL_CHUNK``
+    rows (the last padded, masked), so each validation is a few device calls."""
+
+    def __init__(self, feats: np.ndarray, labels: np.ndarray):
+        self.n = len(labels)
+        self.max_label = int(labels.max()) if self.n else -1
+        chunk = min(VAL_CHUNK, max(self.n, 1))
+        n_pad = -(-max(self.n, 1) // chunk) * chunk
+        f = np.zeros((n_pad, feats.shape[1]), np.float32)
+        f[:self.n] = feats
+        lab = np.zeros(n_pad, np.int32)
+        lab[:self.n] = labels
+        valid = np.arange(n_pad) < self.n
+        self.chunks = [(jnp.asarray(f[i:i + chunk]), jnp.asarray(lab[i:i + chunk]), jnp.asarray(valid[i:i + chunk]))
+                       for i in range(0, n_pad, chunk)]
+
+
+@partial(jax.jit, static_argnames=("topk",))
+def _val_sums(lin, feats, labels, valid, topk: int):
+    """(top-1 hits, top-k hits, summed cross-entropy) over the valid rows, on the device."""
+    logits = apply_linear(lin, feats)
+    _, top = jax.lax.top_k(logits, topk)  # ties: the lower class first, as a stable sort
+    hit = top == labels[:, None]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
+    return (jnp.sum(hit[:, 0] & valid), jnp.sum(hit.any(axis=1) & valid), jnp.sum(jnp.where(valid, nll, 0.0)))
+
+
+def evaluate_linear(lin, val: ValSet) -> dict:
+    """{'acc1', 'acc5' (when >= 5 classes), 'loss'} in percent, as the official utils.accuracy."""
+    lin = jax.tree.map(jnp.asarray, lin)
+    num_classes = int(lin["weight"].shape[0])
+    topk = min(5, num_classes)
+    sums = np.zeros(3, np.float64)
+    for f, lab, ok in val.chunks:
+        sums += np.asarray([float(x) for x in _val_sums(lin, f, lab, ok, topk)])
+    n = max(val.n, 1)
+    out = {"acc1": 100.0 * sums[0] / n}
+    if num_classes >= 5:
+        out["acc5"] = 100.0 * sums[1] / n
+    out["loss"] = float(sums[2] / n)
     return out
-
-
-def evaluate_linear(lin, feats, labels) -> dict:
-    return accuracy(np.asarray(apply_linear(jax.tree.map(jnp.asarray, lin), jnp.asarray(feats))), labels)
 
 
 def load_linear_weights(path: str) -> dict:
@@ -164,13 +172,14 @@ def load_linear_weights(path: str) -> dict:
 # --------------------------------------------------------------------------
 def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="test", n_last_blocks=4,
                     avgpool=False, epochs=100, batch_size=1024, lr=0.001, weight_decay=0.0,
-                    num_labels=None, seed=0, image_size=224, val_freq=1, output_dir=None,
+                    num_labels=None, seed=0, image_size=None, val_freq=1, output_dir=None,
                     max_eval_examples=None, evaluate_weights=None, resume=True, progress=print,
                     log_every=20, mesh=None) -> dict:
     """Train (or with ``evaluate_weights`` only evaluate) the linear probe; returns
-    {'acc1', 'acc5', 'best_acc1', 'linear': {'weight', 'bias'}, 'epochs_run', ...}."""
-    from dino_jax import sharding  # noqa: PLC0415
-    from dino_jax.data import pipeline  # noqa: PLC0415
+    {'acc1', 'acc5', 'best_acc1', 'linear': {'weight', 'bias'}, 'epochs_run', ...}.
+    The training source is built once and re-shuffled per epoch; the validation features
+    are computed once and scored on the device."""
+    from dino_jax.data import pipeline  # noqa: PLC0415  (TensorFlow, only when the probe runs)
 
     progress = progress or (lambda _m: None)
     if n_last_blocks < 1 or n_last_blocks > model.depth:
@@ -184,15 +193,19 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
     sharding.check_batch_size(batch_size, mesh)
     per_host = batch_size // jax.process_count()
     dim = feature_dim(model, n_last_blocks, avgpool)
-    train_classes = pipeline.num_classes(data_cfg, train_split) if evaluate_weights is None else 0
+    train_it = None
+    if evaluate_weights is None:
+        train_it = pipeline.create_supervised_train_iterator(data_cfg, train_split, batch_size, seed, image_size)
+    train_classes = train_it.source.num_classes if train_it is not None else 0
     val_iter = pipeline.create_eval_iterator(data_cfg, eval_split, per_host, image_size,
                                              max_examples=max_eval_examples)
     num_labels = int(num_labels or max(train_classes, val_iter.source.num_classes))
 
     progress(f"features of {val_iter.num_examples} {eval_split} images "
              f"({n_last_blocks} block(s){' + avgpool' if avgpool else ''}, dim {dim})")
-    feat_fn = make_feature_fn(model, n_last_blocks, avgpool, mesh)
+    feat_fn = features.feature_fn(model, "linear", mesh=mesh, n_last_blocks=n_last_blocks, avgpool=avgpool)
     val_feats, val_labels = common.iterator_features(feat_fn, params, val_iter, mesh, progress)
+    val = ValSet(val_feats, val_labels)
     if evaluate_weights is None and len(val_labels) and val_labels.max() >= num_labels:
         raise ValueError(f"{eval_split} has label {int(val_labels.max())} but the classifier has "
                          f"{num_labels} outputs (--num_labels)")
@@ -205,7 +218,7 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
         if len(val_labels) and val_labels.max() >= lin["weight"].shape[0]:
             raise ValueError(f"{eval_split} has label {int(val_labels.max())} but the classifier has "
                              f"{lin['weight'].shape[0]} outputs")
-        stats = evaluate_linear(lin, val_feats, val_labels)
+        stats = evaluate_linear(lin, val)
         return {**stats, "best_acc1": stats["acc1"], "linear": lin, "epochs_run": 0,
                 "num_labels": int(lin["weight"].shape[0]), "dim": dim, "num_val": len(val_labels)}
 
@@ -218,6 +231,10 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
     if resume and ckpt_path and os.path.exists(ckpt_path):
         lin, opt_state, start_epoch, best_acc = _restore(ckpt_path, lin, opt_state)
         progress(f"resumed from {ckpt_path} at epoch {start_epoch} (best top-1 so far {best_acc:.2f})")
+        if start_epoch:  # the same batches as an uninterrupted run from here on
+            train_it = pipeline.create_supervised_train_iterator(
+                data_cfg, train_split, batch_size, seed, image_size,
+                start_step=start_epoch * train_it.steps_per_epoch)
     rep = sharding.replicated(mesh)
     lin, opt_state, backbone = jax.device_put((lin, opt_state, params), rep)
     step = make_train_step(model, tx, n_last_blocks, avgpool, mesh)
@@ -225,12 +242,10 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
     stats = {}
     for epoch in range(start_epoch, epochs):
         e_lr = epoch_lr(base_lr, epoch, epochs)
-        it = pipeline.create_supervised_train_iterator(data_cfg, train_split, batch_size,
-                                                       seed * 100_003 + epoch, image_size)
-        n_steps = it.steps_per_epoch
+        n_steps = train_it.steps_per_epoch
         losses, t0 = [], time.time()
         for i in range(n_steps):
-            batch = next(it)
+            batch = next(train_it)
             images = jax.make_array_from_process_local_data(bsh, batch["image"])
             labels = jax.make_array_from_process_local_data(bsh, batch["label"])
             lin, opt_state, loss = step(lin, opt_state, backbone, images, labels, jnp.float32(e_lr))
@@ -238,10 +253,9 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
             if progress and log_every and ((i + 1) % log_every == 0 or i + 1 == n_steps):
                 progress(f"Epoch: [{epoch}] [{i + 1}/{n_steps}] loss {float(loss):.4f} lr {e_lr:.6f} "
                          f"({time.time() - t0:.0f}s)")
-        del it
         log = {"train_loss": float(np.mean([float(x) for x in losses])), "train_lr": e_lr, "epoch": epoch}
         if epoch % val_freq == 0 or epoch == epochs - 1:
-            stats = evaluate_linear(jax.device_get(lin), val_feats, val_labels)
+            stats = evaluate_linear(lin, val)
             best_acc = max(best_acc, stats["acc1"])
             progress(f"Accuracy at epoch {epoch} of the network on the {len(val_labels)} test images: "
                      f"{stats['acc1']:.1f}% (top-5 {stats.get('acc5', float('nan')):.1f}%, "
@@ -254,10 +268,37 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
             _save(ckpt_path, jax.device_get(lin), jax.device_get(opt_state), epoch + 1, best_acc)
     lin = jax.tree.map(np.asarray, jax.device_get(lin))
     if not stats:  # resumed after the last epoch
-        stats = evaluate_linear(lin, val_feats, val_labels)
+        stats = evaluate_linear(lin, val)
         best_acc = max(best_acc, stats["acc1"])
     return {**stats, "best_acc1": best_acc, "linear": lin, "epochs_run": len(history), "history": history,
             "num_labels": num_labels, "dim": dim, "num_val": len(val_labels)}
+
+
+class LinearEvaluator(base.Evaluator):
+    """The linear probe as an evaluator: ``linear_top1``/``linear_top5`` (percent, the last
+    epoch's validation) and ``linear_best_top1``. ``settings``: the ``config.evals.linear``
+    block (every_epochs, train_split, eval_split, n_last_blocks, avgpool, epochs, batch_size,
+    lr, weight_decay, max_eval_examples); ``options``: the program's extra keyword arguments
+    of :func:`linear_evaluate` (output_dir, evaluate_weights, num_labels, val_freq, ...).
+    ``last`` holds the whole result of the last run (the classifier included)."""
+    name = "linear"
+
+    def __init__(self, settings, data_cfg, mesh=None, progress=None, seed: int = 0, **options):
+        super().__init__(settings["every_epochs"])
+        self.settings, self.data_cfg, self.mesh, self.progress = settings, data_cfg, mesh, progress
+        self.seed, self.options, self.last = int(seed), options, None
+
+    def run(self, backbone, params) -> dict:
+        s = self.settings
+        self.last = res = linear_evaluate(
+            backbone, params, self.data_cfg, s["train_split"], s["eval_split"], int(s["n_last_blocks"]),
+            bool(s["avgpool"]), int(s["epochs"]), int(s["batch_size"]), float(s["lr"]), float(s["weight_decay"]),
+            seed=self.seed, max_eval_examples=int(s["max_eval_examples"]) or None, progress=self.progress,
+            mesh=self.mesh, **self.options)
+        out = {"linear_top1": float(res["acc1"]), "linear_best_top1": float(res["best_acc1"])}
+        if "acc5" in res:
+            out["linear_top5"] = float(res["acc5"])
+        return out
 
 
 def _save(path, lin, opt_state, epoch, best_acc):
@@ -328,7 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from dino_jax.models import vit  # noqa: PLC0415
 
     def say(m):
         print(m, flush=True)
@@ -341,11 +381,16 @@ def main(argv=None) -> int:
         model, params = common.load_backbone(a.checkpoint, a.dtype)
         weights = load_linear_weights(a.linear_weights) if a.evaluate else None
         os.makedirs(a.output_dir, exist_ok=True)
-        res = linear_evaluate(
-            model, params, common.data_config_from_args(a), a.train_split, a.eval_split, a.n_last_blocks,
-            a.avgpool_patchtokens, a.epochs, a.batch_size, a.lr, a.weight_decay, a.num_labels or None,
-            a.seed, a.image_size, a.val_freq, a.output_dir, a.max_eval_examples or None, weights,
-            resume=not a.no_resume, progress=say, log_every=a.log_every)
+        settings = dict(every_epochs=0, train_split=a.train_split, eval_split=a.eval_split,
+                        n_last_blocks=a.n_last_blocks, avgpool=a.avgpool_patchtokens, epochs=a.epochs,
+                        batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
+                        max_eval_examples=a.max_eval_examples)
+        ev = LinearEvaluator(settings, common.data_config_from_args(a), progress=say, seed=a.seed,
+                             num_labels=a.num_labels or None, image_size=a.image_size, val_freq=a.val_freq,
+                             output_dir=a.output_dir, evaluate_weights=weights, resume=not a.no_resume,
+                             log_every=a.log_every)
+        ev.run(model, params)
+        res = ev.last
         results = {k: res[k] for k in ("acc1", "acc5", "loss", "best_acc1") if k in res}
         if jax.process_index() == 0 and not a.evaluate:
             common.save_npz(os.path.join(a.output_dir, WEIGHTS), res["linear"])
