@@ -48,7 +48,7 @@ SECTIONS = ("davis", "retrieval", "copy_detection", "extraction", "linear")
 SIZES = {
     "davis_videos": (2, 1), "davis_frames": (10, 4),
     "retrieval_db": (50, 8), "retrieval_q": (5, 2),
-    "copy_originals": (50, 6), "copy_strong": (75, 8), "copy_distractors": (100, 8), "copy_whitening": (100, 8),
+    "copy_originals": (50, 6), "copy_strong": (75, 8), "copy_distractors": (100, 16), "copy_whitening": (100, 8),
     "extract_images": (1000, 48),
     "linear_train": (2000, 100), "linear_val": (500, 40), "linear_epochs": (3, 1),
 }
