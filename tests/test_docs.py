@@ -51,6 +51,13 @@ def test_configs_page_lists_every_field_and_is_generated():
     assert not empty, empty
 
 
+def test_config_overrides_shown_name_real_fields():
+    fields = set(flat(base_config()))
+    shown = {f for p in DOCS + OTHER_PAGES for f in re.findall(r"--config\.([\w.]+)=", open(p).read())} - {"FIELD"}
+    assert "batch_size" in shown
+    assert not shown - fields, f"--config.* overrides in the docs that are not config fields: {sorted(shown - fields)}"
+
+
 def test_generator_reads_trailing_continued_and_block_comments():
     src = '''
 def base_config():
