@@ -5,7 +5,7 @@
 #
 # 1. ViT-S/16 multi-crop (2x224 + 10x96), bfloat16 compute with float32 master
 #    weights, cuDNN flash attention (--fused_attention), batch 128: the bare step
-#    and the dino_jax.main loop, median of 3 each, images/s, MFU, peak memory; with
+#    and the training loop (trainer.train_and_evaluate), median of 3 each, images/s, MFU, peak memory; with
 #    DINO_DIR (a facebookresearch/dino checkout) and OFFICIAL_BENCH
 #    (official_step_bench.py) the official step (fp16 autocast + GradScaler, its
 #    --use_fp16) on the same GPU between our repeats, and the ratio.

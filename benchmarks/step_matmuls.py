@@ -3,7 +3,7 @@
     python benchmarks/step_matmuls.py --recipe nano                 # one core
     python benchmarks/step_matmuls.py --recipe nano --threads 2 --torch_python /tmp/tvenv/bin/python
 
-Compiles the real train step (``train.make_train_step``, the recipes of
+Compiles the real train step (``train.TrainStep``, the recipes of
 benchmarks/train_step.py), times it (wall and process CPU time per step), then
 reads every ``dot`` of the compiled program (XLA's own matmul thunks and those
 inside loop fusions; the products inside YNNPACK fusions, e.g. ``q k^T`` with its

@@ -7,8 +7,8 @@ Runs on any CPU machine with libtpu importable (no TPU needed). It builds the
 topology's compile-only devices (``jax.experimental.topologies``), the mesh and
 shardings a real run on that slice uses (``dino_jax.sharding``,
 ``train.state_shardings``), the TrainState's shapes with ``jax.eval_shape``
-(nothing is initialised) and compiles ``train.make_train_step``'s jitted step
-for them. It prints the compile time, per-chip HBM (arguments, outputs that do
+(nothing is initialised) and compiles ``train.TrainStep`` (the step the
+training loop runs) for them. It prints the compile time, per-chip HBM (arguments, outputs that do
 not alias a donated argument, temporaries, code) against the chip's capacity,
 whether it fits, XLA's FLOPs per image beside the analytic recipe count of
 ``benchmarks/train_step.py``, and the collectives of the compiled program.
@@ -53,6 +53,14 @@ DEFAULT_LIBTPU_DIR = os.environ.get("DINO_JAX_LIBTPU_DIR") or os.path.join(
 # keeps some; "fits" below is the compiler's verdict AND the total within this).
 # Keyed by jax's device_kind of the topology's devices.
 HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v6 lite": 32.0}
+# Peak dense bfloat16 FLOP/s and HBM bandwidth per chip, for the roofline bound on the
+# step time: max(XLA FLOPs / peak FLOP/s, XLA bytes accessed / HBM bandwidth).
+#   v4:  275 TFLOP/s bf16, 1228 GB/s    v5e: 197 TFLOP/s bf16, 819 GB/s
+#   v5p: 459 TFLOP/s bf16, 2765 GB/s    v6e: 918 TFLOP/s bf16, 1640 GB/s
+# (Cloud TPU system-architecture pages). The bound ignores collectives and
+# assumes every FLOP at the bf16 peak, so a real step is slower.
+PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v6 lite": 918.0}
+HBM_GBPS = {"TPU v4": 1228.0, "TPU v5 lite": 819.0, "TPU v5": 2765.0, "TPU v6 lite": 1640.0}
 # Topology-name prefix -> (chip config, Cloud TPU accelerator-type prefix, TensorCores per chip).
 # v4 and v5p have two TensorCores per chip that JAX drives as one device ("megacore").
 CHIPS = {"v4": ("megacore", "v4", 2), "v5p": ("megacore", "v5p", 2), "v5": ("megacore", "v5p", 2),
@@ -271,15 +279,10 @@ def compile_step(config, mesh, models, optimizer, steps_per_epoch, capacity_byte
     except ValueError as e:
         raise UsageError(f"--batch_size: {e}") from None
     state, state_sh, batch, sched = abstract_arguments(config, mesh, models, optimizer, steps_per_epoch)
-    step = train.make_train_step(config, mesh=mesh, state_sharding=state_sh, models=models,
-                                 optimizer=optimizer)
+    step = train.TrainStep(config, sched, mesh=mesh, state_sharding=state_sh, models=models,
+                           optimizer=optimizer)
     t0 = time.time()
-    args = [state, batch, sched]
-    if hasattr(train, "new_metrics_accumulator"):  # the guarded step carries a metrics accumulator
-        repl = sharding.replicated(mesh)
-        args.append(jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=repl),
-                                 train.new_metrics_accumulator()))
-    lowered = step.jitted.lower(*args)
+    lowered = step.lower(state, batch)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -305,6 +308,7 @@ def compile_step(config, mesh, models, optimizer, steps_per_epoch, capacity_byte
             "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
             "code_bytes": code, "hbm_total_bytes": total,
             "flops_per_chip": float(cost.get("flops", 0.0)) if cost else 0.0,
+            "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)) if cost else 0.0,
             "collectives": count_collectives(hlo)}
 
 
@@ -390,6 +394,20 @@ def find_max_batch(probe, start: int, step: int, upper: int, capacity: float, kn
     return lo, order
 
 
+def roofline(flops: float, bytes_accessed: float, kind: str, per_chip_batch: int) -> dict | None:
+    """The roofline bound on one step's time per chip from XLA's FLOPs and bytes
+    accessed against the chip's peak FLOP/s and HBM bandwidth, and the images/s per
+    chip it implies (an upper bound). None without a cost analysis or chip figures."""
+    if not flops or kind not in PEAK_TFLOPS:
+        return None
+    compute_s = flops / (PEAK_TFLOPS[kind] * 1e12)
+    memory_s = bytes_accessed / (HBM_GBPS[kind] * 1e9)
+    bound = max(compute_s, memory_s)
+    return {"compute_s": compute_s, "memory_s": memory_s, "step_s": bound,
+            "bound_by": "compute" if compute_s >= memory_s else "memory",
+            "images_per_second_per_chip": per_chip_batch / bound}
+
+
 # --------------------------------------------------------------------------
 # Report.
 # --------------------------------------------------------------------------
@@ -445,6 +463,7 @@ def main(argv=None):
     d = config.data
     image_bytes = 4 * 3 * (2 * d.global_crop_size ** 2 + int(d.num_local_crops) * d.local_crop_size ** 2)
     estimate = linear_max_batch(res, per_chip, image_bytes, capacity)
+    roof = roofline(res.get("flops_per_chip"), res.get("bytes_accessed_per_chip") or 0.0, kind, per_chip)
     backbone = models[0]
     coll = res.get("collectives") or {}
     rows = [("device", "CPU host compiling for TPU (libtpu " + installed_libtpu_version(a.libtpu_dir)
@@ -469,6 +488,12 @@ def main(argv=None):
              ("GFLOP/image (XLA)", f"{flops_img / 1e9:.2f}" if flops_img else "n/a"),
              ("GFLOP/image (analytic)", f"{analytic / 1e9:.2f}"),
              ("collectives", ", ".join(f"{k} {v}" for k, v in coll.items()) or "n/a")]
+    if roof:
+        rows += [("roofline step time (ms)",
+                  f"{roof['step_s'] * 1e3:.1f} ({roof['bound_by']}-bound: {roof['compute_s'] * 1e3:.1f} ms of "
+                  f"FLOPs at {PEAK_TFLOPS[kind]:g} TFLOP/s, {roof['memory_s'] * 1e3:.1f} ms of "
+                  f"{res['bytes_accessed_per_chip'] / GIB:.1f} GiB at {HBM_GBPS[kind]:g} GB/s)"),
+                 ("roofline images/s per chip", f"{roof['images_per_second_per_chip']:.0f} (upper bound)")]
     rows.append(("max batch/chip, linear est.", f"{estimate} (from this one compile; not compiled)"
                  if estimate is not None else "n/a"))
     if a.find_max_batch:
@@ -487,6 +512,10 @@ def main(argv=None):
         "output_bytes": res.get("output_bytes"), "alias_bytes": res.get("alias_bytes"),
         "code_bytes": res.get("code_bytes"),
         "xla_flops_per_image": flops_img, "analytic_flops_per_image": analytic,
+        "xla_bytes_accessed_per_chip": res.get("bytes_accessed_per_chip"),
+        "roofline_step_s": roof["step_s"] if roof else None,
+        "roofline_bound_by": roof["bound_by"] if roof else None,
+        "roofline_images_per_second_per_chip": roof["images_per_second_per_chip"] if roof else None,
         "collectives": coll, "oom": res.get("oom"),
         "est_max_per_chip_batch": estimate, "max_per_chip_batch": max_batch, "max_batch_probes": probes,
         "libtpu": installed_libtpu_version(a.libtpu_dir), "jax": jax.__version__}

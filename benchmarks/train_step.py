@@ -15,9 +15,9 @@ environment (LD_PRELOAD included), and the table gains both medians and their ra
 
 Synthetic batches live on the device (the input pipeline is measured by
 benchmarks/input_pipeline.py), so this needs JAX only (no TensorFlow).
-The bare step is ``train.make_train_step`` (the guarded step the training loop
+The bare step is ``train.TrainStep`` (the guarded step the training loop
 runs, carrying its on-device metrics accumulator). ``--loop N`` also times N
-steps of the real ``dino_jax.main`` loop (``train_and_evaluate`` on
+steps of the real training loop (``trainer.train_and_evaluate`` on
 ``data.source = 'synthetic'``: prefetching, metrics fetched every
 ``log_every_steps``; no checkpoint or evaluation inside the timed part: the
 timing runs from the first log step, after compilation, to the last step,
@@ -40,6 +40,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,10 +52,11 @@ if __name__ == "__main__":
     runtime.reexec_with_tcmalloc()
 runtime.set_xla_cpu_defaults()
 
+# After the set-up above, which must run before jax is imported.
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from dino_jax import schedules, sharding, train  # noqa: E402
+from dino_jax import schedules, sharding, train, trainer  # noqa: E402
 
 # Dense peak TFLOP/s per device by (device kind substring, dtype): vendor datasheets.
 PEAKS = [("H200", "bfloat16", 989.0), ("H200", "float32", 67.0), ("H100", "bfloat16", 989.0),
@@ -122,15 +124,15 @@ def recipe_config(name: str):
 
 
 def build_bare_step(config):
-    """The step the benchmarks time: ``train.make_train_step`` on a mesh of
+    """The step the benchmarks time: ``train.TrainStep`` on a mesh of
     ``config.num_fsdp``, a fresh state, a synthetic batch on the devices, compiled.
     Returns (compiled, step, state, batch, models, compile seconds)."""
     mesh = sharding.make_mesh(int(config.num_fsdp))
     sharding.check_batch_size(config.batch_size, mesh)
     models = train.build_models(config)
     state = train.create_train_state(config, jax.random.PRNGKey(0), mesh=mesh, models=models)
-    step = train.make_train_step(config, mesh=mesh, state_sharding=jax.tree.map(lambda x: x.sharding, state),
-                                 models=models, schedule=schedules.build_schedules(config, 1000))
+    step = train.TrainStep(config, schedules.build_schedules(config, 1000), mesh=mesh, models=models,
+                           state_sharding=jax.tree.map(lambda x: x.sharding, state))
     b, d = config.batch_size, config.data
     bsh = sharding.batch_sharding(mesh)
     key = jax.random.PRNGKey(1)
@@ -145,7 +147,6 @@ def build_bare_step(config):
 
 def run_official(a, recipe: str, batch: int) -> float:
     """Images/s of one run of the official step (subprocess; same affinity and env)."""
-    import subprocess  # noqa: PLC0415
     cmd = [a.official_python, a.official_bench, "--dino_dir", a.official, "--recipe", recipe,
            "--batch", str(batch), "--steps", str(a.official_steps), "--warmup", "1",
            "--threads", str(a.threads), "--device", a.official_device] + (["--fp16"] if a.official_fp16 else [])
@@ -156,21 +157,19 @@ def run_official(a, recipe: str, batch: int) -> float:
 
 
 def time_loop(config, steps: int) -> float:
-    """Images/s of ``steps`` steps of the dino_jax.main loop on the synthetic source, in a
+    """Images/s of ``steps`` steps of the training loop on the synthetic source, in a
     temporary workdir: log_every_steps warm-up steps (compilation) first, no periodic
     checkpoint or evaluation; timed from the first log step to the last step."""
-    from dino_jax import main as dino_main  # noqa: PLC0415
-
     cfg = copy.deepcopy(config)
     warm = int(cfg.log_every_steps)
-    cfg.data.source, cfg.data.eval_split = "synthetic", ""
+    cfg.data.source = "synthetic"
     cfg.total_steps = warm + steps
     cfg.checkpoint_every_steps = cfg.total_steps + 1
-    cfg.knn_every_epochs = 0
-    cfg.knn_random_init = False
+    for block in cfg.evals.values():
+        block.every_epochs = -1       # no evaluation: the loop alone
     workdir = tempfile.mkdtemp(prefix="dino_bench_loop_")
     try:
-        summary = dino_main.train_and_evaluate(cfg, workdir, stream=io.StringIO())
+        summary = trainer.train_and_evaluate(cfg, workdir, stream=io.StringIO())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return float(summary["images_per_second"])
@@ -199,9 +198,9 @@ def main():
                     help="the official anchor's recipe (model, crops, batch); overrides --config")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed repeats of --steps steps each (median reported); with --official "
-                         "the official step, with --loop the dino_jax.main loop, runs between them")
+                         "the official step, with --loop the training loop, runs between them")
     ap.add_argument("--loop", type=int, default=0, metavar="N",
-                    help="also time N steps of the dino_jax.main training loop on synthetic data "
+                    help="also time N steps of the training loop (trainer.train_and_evaluate) on synthetic data "
                          "(after log_every_steps warm-up steps); 0: bare step only")
     ap.add_argument("--log_every_steps", type=int, default=None,
                     help="the loop's log interval (metrics fetch; default: the config's)")
@@ -299,7 +298,7 @@ def main():
                  ("LD_PRELOAD", os.environ.get("LD_PRELOAD", ""))]
     loop = float(np.median(loop_ips)) if loop_ips else None
     if loop is not None:
-        rows += [("loop images/s (dino_jax.main)", f"{loop:.1f}"),
+        rows += [("loop images/s (trainer)", f"{loop:.1f}"),
                  ("loop / bare step", f"{loop / ips:.3f}"),
                  ("repeats (median)", f"{a.repeats}: bare {[round(b / x, 1) for x in ours]}, "
                                       f"loop {[round(x, 1) for x in loop_ips]}")]

@@ -2,24 +2,18 @@
 
 Imports nothing heavy: entry points call these first thing.
 
-- :func:`set_xla_cpu_defaults`: the one place for XLA:CPU flag defaults. It
-  sets none today: ``--xla_cpu_use_thunk_runtime=false`` (set here before) is
-  ignored by jax 0.10.2 (the thunk runtime runs regardless: a profile taken with
-  it shows ``ThunkExecutor`` and YNNPACK fusions) and only logged a warning.
-  Measured on the nano step, 2 cores: disabling the YNNPACK dot fusions
-  (``--xla_cpu_experimental_ynn_fusion_type=``) was ~30% slower;
-  ``--xla_cpu_use_onednn`` gave the same loss bits and no gain;
-  ``--xla_cpu_prefer_vector_width=512`` no gain (all within the noise of a
-  shared machine, see benchmarks/README.md).
+- :func:`set_xla_cpu_defaults`: the one place for XLA:CPU flag defaults
+  (``XLA_CPU_DEFAULTS``), added to ``XLA_FLAGS`` unless it already names them.
+  None is set: the flags tried (benchmarks/README.md) gave no gain on the train
+  step.
 - :func:`reexec_with_tcmalloc`: with glibc's malloc, XLA:CPU's per-step
   temporary buffers (tens of MB, above glibc's largest mmap threshold) are
   mapped and unmapped on every step, and the page faults of re-mapping them
-  took ~30% of a quickstart step (1m47s of kernel time in 3m50s). tcmalloc
-  keeps the memory: the same 300 steps ran in 2m44s (264 vs 185 img/s), kernel
-  time 7s. jemalloc (default decay) did not help. When Debian's
-  ``libtcmalloc-minimal4`` is installed and nothing is preloaded, the process
-  re-executes itself once with it in ``LD_PRELOAD`` (same PID: signals and
-  parents are unaffected). ``DINO_JAX_NO_TCMALLOC=1`` turns this off.
+  take a large share of a small step's time; tcmalloc keeps the memory
+  (benchmarks/README.md). When Debian's ``libtcmalloc-minimal4`` is installed
+  and nothing is preloaded, the process re-executes itself once with it in
+  ``LD_PRELOAD`` (same PID: signals and parents are unaffected).
+  ``DINO_JAX_NO_TCMALLOC=1`` turns this off.
 """
 from __future__ import annotations
 
@@ -30,7 +24,7 @@ import sys
 _REEXEC_MARK = "DINO_JAX_TCMALLOC_REEXEC"
 
 
-# XLA:CPU flags set unless XLA_FLAGS already names them (none help on jax 0.10.2; module doc).
+# XLA:CPU flags set unless XLA_FLAGS already names them (none: see the module doc).
 XLA_CPU_DEFAULTS: dict[str, str] = {}
 
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -34,7 +35,6 @@ def make_mesh(num_fsdp: int = 1, devices: Sequence[jax.Device] | None = None) ->
     if n > 1 and (devices == list(jax.devices()) or devices[0].platform == "tpu"):
         try:  # topology-aware order (keeps fsdp groups on fast links; TPU: also the
             # compile-only devices of benchmarks/tpu_aot.py)
-            from jax.experimental import mesh_utils  # noqa: PLC0415
             arr = mesh_utils.create_device_mesh((n // num_fsdp, num_fsdp), devices)
         except Exception:  # noqa: BLE001  (CPU / unusual topologies)
             arr = np.asarray(devices).reshape(n // num_fsdp, num_fsdp)

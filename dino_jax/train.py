@@ -191,7 +191,7 @@ def make_train_step_fn(config, models=None, optimizer=None, batch_sharding=None)
     holds); the step's ``lr``, ``wd``, ``momentum``, ``teacher_temp``,
     ``last_layer_frozen``; ``grad_norm`` (global L2 norm of the trainable
     gradients before clipping); ``nonfinite`` (1.0 when the loss or a gradient
-    is NaN/inf; this pure step updates the state regardless: :func:`make_train_step`
+    is NaN/inf; this pure step updates the state regardless: :class:`TrainStep`
     guards it).
     """
     backbone, head = models if models is not None else build_models(config)
@@ -281,9 +281,8 @@ METRIC_NAMES = ("loss", "teacher_entropy", "batch_entropy", "kl", "teacher_max_p
 
 
 def new_metrics_accumulator() -> dict:
-    """Zeros of the on-device metrics accumulator that :func:`make_train_step`'s
-    ``step.accumulate`` carries from step to step (host numpy; the step puts it on
-    the devices):
+    """Zeros of the metrics accumulator that :class:`TrainStep` carries from step to
+    step on the devices (host numpy here; ``TrainStep.new_accumulator`` puts it there):
 
     sums, count: per-metric sums over the applied (finite) steps and their number;
     last: the metrics of the last applied step; first_bad: 1-based number of the
@@ -331,21 +330,17 @@ def _guarded(step_fn, halt_on_nonfinite: bool) -> Callable:
 
 # XLA:CPU's cse_barrier_expander pass deletes every optimization_barrier before
 # fusion, so the barriers that keep the head's weight-norm weights and the
-# residual-stream gradients materialised (models/head.py, models/ops.py) never
-# reached the CPU backend, which then fused the norm into the 65,536-wide head
-# matmul (recomputed per tile) and duplicated the gradient add chains into every
-# consumer. Skipping the pass for this one program keeps them: ViT-S/16
-# multi-crop step 8.1 -> 4.1 s on 2 AVX-512 cores (15.1 -> 11.4 on AVX2), same loss
-# (benchmarks/README.md). Per jit, not XLA_FLAGS: other programs and backends are
-# left alone.
+# residual-stream gradients materialised (models/) would never reach the CPU
+# backend, which then fuses the norm into the wide head matmul (recomputed per
+# tile) and duplicates the gradient add chains into every consumer. Skipping the
+# pass for this one program keeps them (same loss; timings in benchmarks/README.md).
+# Per jit, not XLA_FLAGS: other programs and backends are left alone.
 CPU_STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 # Which of the step's work XLA:CPU hands to YNNPACK (x86-64): the reductions only
-# (LayerNorm statistics, softmax sums, bias gradients). jax 0.10's default also
-# gives it the matmuls, fused with the elementwise work around them, and those
-# fusions ran slower than XLA's own matmul thunks with separate loop fusions: the
-# nano step 478 -> 442 ms on 2 AVX-512 cores (alternating runs; no YNNPACK at all:
-# 550-567 ms, reductions and elementwise: 600-626 ms), ViT-S/16 unchanged
+# (LayerNorm statistics, softmax sums, bias gradients). XLA's default also gives it
+# the matmuls, fused with the elementwise work around them, and those fusions run
+# slower than XLA's own matmul thunks with separate loop fusions
 # (benchmarks/README.md). Dropped, with one warning, where this jaxlib does not
 # accept it (the option is experimental).
 CPU_STEP_LIBRARY_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
@@ -375,98 +370,73 @@ def step_compiler_options(platform: str) -> dict | None:
     return {**CPU_STEP_COMPILER_OPTIONS, **dict(_cpu_library_options())}
 
 
-def make_train_step(config, mesh=None, state_sharding: TrainState | None = None, models=None,
-                    optimizer=None, donate: bool = True, schedule: dict | None = None,
-                    halt_on_nonfinite: bool = True) -> Callable:
-    """The jitted train step with its non-finite guard: the one step program that
-    ``dino_jax.main``, the tests and the benchmarks run.
+class TrainStep:
+    """The jitted DINO train step with its non-finite guard: the one step program
+    that the trainer, the tests and the benchmarks run.
+
+        step = TrainStep(config, schedules.build_schedules(config, steps_per_epoch), mesh=mesh,
+                         state_sharding=state_shardings(...))
+        acc = step.new_accumulator()
+        state, metrics, acc = step(state, batch, acc)    # metrics: this step's; acc: the running sums
 
     Without ``mesh``: plain ``jax.jit``. With ``mesh``: explicit shardings, the
     batch split over every device (``sharding.batch_sharding``), the state as
     ``state_sharding`` (default: replicated; pass ``state_shardings(...)`` of an
     fsdp mesh for fsdp), metrics, accumulator and schedule replicated. The state
-    buffers are donated. A step whose loss or gradient is NaN/inf returns the
-    state it was given (see :func:`_guarded` for ``halt_on_nonfinite``).
+    buffers are donated (``donate=False`` keeps them). A step whose loss or
+    gradient is NaN/inf returns the state it was given (see :func:`_guarded` for
+    ``halt_on_nonfinite``). The accumulator (:func:`new_metrics_accumulator`)
+    stays on the devices, so a loop that reads it only at its sync points makes
+    no other device-to-host transfer.
 
-    Returns ``step(state, batch, schedule) -> (state, metrics)``; when
-    ``schedule`` (host arrays from ``schedules.build_schedules``) is given here it
-    is put on the devices once and the call is ``step(state, batch)``. Each such
-    call starts from a fresh accumulator. The training loop instead carries one:
-    ``state, acc = step.accumulate(state, batch, acc)`` (``acc`` from
-    ``step.new_accumulator()``) never moves data to the host, so the loop
-    reads metrics only when it fetches ``acc``.
-
-    ``step.jitted`` is the underlying ``jax.jit`` function
-    ``(state, batch, schedule, acc) -> (state, metrics, acc)``; ``step.lower(state,
-    batch[, schedule])`` lowers it (arrays or ``jax.ShapeDtypeStruct``s, e.g. for a
-    TPU topology's mesh; the schedule defaults to the one given here) for cost
-    analysis or ahead-of-time compilation; ``step.schedule`` is the device
-    schedule (or None). A batch the mesh can't split raises one clear ValueError
-    before tracing.
+    ``schedule``: the per-iteration host arrays of ``schedules.build_schedules``,
+    put on the devices once and indexed with ``state.step`` on device; or
+    ``jax.ShapeDtypeStruct``s of them, for lowering alone (e.g. on a TPU
+    topology's abstract devices). ``lower(state, batch)`` lowers the program
+    ``(state, batch, schedule, acc) -> (state, metrics, acc)`` for cost analysis
+    or ahead-of-time compilation (arrays or ``jax.ShapeDtypeStruct``s); its
+    compiled form is called with ``step.schedule``. A batch the mesh can't split
+    raises one clear ValueError before tracing.
     """
-    donate_argnums = (0,) if donate else ()
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    opts = step_compiler_options(platform)
-    if mesh is None:
-        fn = _guarded(make_train_step_fn(config, models, optimizer), halt_on_nonfinite)
-        jitted = jax.jit(fn, donate_argnums=donate_argnums, compiler_options=opts)
-        repl = None
-    else:
-        bsh = sharding.batch_sharding(mesh)
-        repl = sharding.replicated(mesh)
-        fn = _guarded(make_train_step_fn(config, models, optimizer, batch_sharding=bsh), halt_on_nonfinite)
-        st_sh = state_sharding if state_sharding is not None else repl
-        jitted = jax.jit(fn, in_shardings=(st_sh, bsh, repl, repl), out_shardings=(st_sh, repl, repl),
-                         donate_argnums=donate_argnums, compiler_options=opts)
 
-    def put(tree):
-        return jax.device_put(tree, repl) if repl is not None else jax.device_put(tree)
+    def __init__(self, config, schedule: dict, mesh=None, state_sharding: TrainState | None = None,
+                 models=None, optimizer=None, donate: bool = True, halt_on_nonfinite: bool = True):
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        options = step_compiler_options(platform)
+        donate_argnums = (0,) if donate else ()
+        self._mesh = mesh
+        if mesh is None:
+            fn = _guarded(make_train_step_fn(config, models, optimizer), halt_on_nonfinite)
+            self._jitted = jax.jit(fn, donate_argnums=donate_argnums, compiler_options=options)
+            self._replicated = None
+        else:
+            bsh = sharding.batch_sharding(mesh)
+            repl = self._replicated = sharding.replicated(mesh)
+            fn = _guarded(make_train_step_fn(config, models, optimizer, batch_sharding=bsh), halt_on_nonfinite)
+            st_sh = state_sharding if state_sharding is not None else repl
+            self._jitted = jax.jit(fn, in_shardings=(st_sh, bsh, repl, repl), out_shardings=(st_sh, repl, repl),
+                                   donate_argnums=donate_argnums, compiler_options=options)
+        abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(schedule))
+        self.schedule = schedule if abstract else self._put(schedules.device_schedules(schedule))
 
-    def check(batch):
-        if mesh is not None:  # one clear line instead of an XLA sharding error
-            sharding.check_batch_size(int(np.shape(batch["global_crops"])[0]), mesh)
+    def _put(self, tree):
+        return jax.device_put(tree, self._replicated) if self._replicated is not None else jax.device_put(tree)
 
-    dev = put(schedules.device_schedules(schedule)) if schedule is not None else None
-    zeros = []  # made on first use: nothing is put on the devices for lowering alone (AOT)
+    def new_accumulator(self) -> dict:
+        """Zeros of the metrics accumulator (:func:`new_metrics_accumulator`) on the devices."""
+        return self._put(new_metrics_accumulator())
 
-    def fresh():  # never donated: reused by every plain call
-        if not zeros:
-            zeros.append(put(new_metrics_accumulator()))
-        return zeros[0]
+    def __call__(self, state: TrainState, batch, acc: dict):
+        """One step: ``(state, metrics, acc)`` after it (``state`` is donated)."""
+        if self._mesh is not None:  # one clear line instead of an XLA sharding error
+            sharding.check_batch_size(int(np.shape(batch["global_crops"])[0]), self._mesh)
+        return self._jitted(state, batch, self.schedule, acc)
 
-    if schedule is None:
-        def step(state, batch, schedule):
-            check(batch)
-            state, metrics, _ = jitted(state, batch, schedule, fresh())
-            return state, metrics
-    else:
-        def step(state, batch):
-            check(batch)
-            state, metrics, _ = jitted(state, batch, dev, fresh())
-            return state, metrics
-
-    def accumulate(state, batch, acc):
-        if dev is None:
-            raise ValueError("step.accumulate needs the schedule given to make_train_step(schedule=...)")
-        check(batch)
-        state, _, acc = jitted(state, batch, dev, acc)
-        return state, acc
-
-    acc_shape = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                             new_metrics_accumulator())
-
-    def lower(state, batch, schedule=None):
-        sched = schedule if schedule is not None else dev
-        if sched is None:
-            raise ValueError("step.lower needs a schedule (here or in make_train_step(schedule=...))")
-        return jitted.lower(state, batch, sched, acc_shape)
-
-    step.accumulate = accumulate
-    step.new_accumulator = lambda: put(new_metrics_accumulator())
-    step.lower = lower
-    step.schedule = dev
-    step.jitted = jitted
-    return step
+    def lower(self, state, batch) -> jax.stages.Lowered:
+        """The step lowered for ``state`` and ``batch`` (arrays or ShapeDtypeStructs)."""
+        acc = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated),
+                           new_metrics_accumulator())
+        return self._jitted.lower(state, batch, self.schedule, acc)
 
 
 def batch_from_crops(crops: list[np.ndarray], nchw: bool = False) -> dict:

@@ -163,10 +163,10 @@ def test_train_step_hook_applies_device_augment():
     from dino_jax import schedules  # noqa: PLC0415
 
     sched = schedules.build_schedules(config, 1)
-    step = train.make_train_step(config, schedule=sched, donate=False)
+    step = train.TrainStep(config, sched, donate=False)
     state = train.create_train_state(config)
-    _, m_dev = step(state, batch)
-    _, m_host = step(state, done)
+    _, m_dev, _ = step(state, batch, step.new_accumulator())
+    _, m_host, _ = step(state, done, step.new_accumulator())
     np.testing.assert_allclose(float(m_dev["loss"]), float(m_host["loss"]), rtol=1e-6)
 
 

@@ -1,10 +1,10 @@
-"""The training loop of dino_jax.main on the on-device synthetic source:
+"""The training loop (``trainer.train_and_evaluate``) on the on-device synthetic source:
 
 - between two sync points (log step, epoch end, checkpoint, end) the loop makes
   no device-to-host read and waits for nothing (counted: every implicit or
   explicit read of a jax.Array's value goes through ``ArrayImpl._value``;
   ``jax.transfer_guard`` does not fire on the CPU backend);
-- the loop runs ``train.make_train_step`` itself: its checkpoint equals, bit for
+- the loop runs ``train.TrainStep`` itself: its checkpoint equals, bit for
   bit, the bare step applied to the same synthetic batches;
 - a non-finite loss inside a log interval stops at the log step with the first
   bad step named, and the checkpoint is the last good state;
@@ -18,21 +18,28 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
+import jax
+import numpy as np
 import pytest
+from jax._src import array
+
+from dino_jax import checkpoint, schedules, sharding, train, trainer
+from dino_jax.config_defaults import base_config
+from dino_jax.data import synthetic
+from dino_jax.trainer import DevicePrefetcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
-    from dino_jax.config_defaults import base_config  # noqa: PLC0415
-
     c = base_config()
     m = c.model
     m.arch, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.img_size = "custom", 4, 16, 1, 2, 16
     m.drop_path_rate, m.out_dim, m.head_hidden_dim, m.head_bottleneck_dim = 0.1, 32, 24, 8
     d = c.data
-    d.source, d.synthetic_num_examples, d.eval_split = "synthetic", 8 * 100, ""
+    d.source, d.synthetic_num_examples = "synthetic", 8 * 100
     d.global_crop_size, d.local_crop_size, d.num_local_crops = 16, 8, 2
     c.batch_size, c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 8, 12, 4, 1000
     c.warmup_epochs, c.freeze_last_layer, c.lr = 0.0, 0, 0.002
@@ -42,31 +49,23 @@ def _config(**overrides):
 
 
 def _worker(tmp):
-    import contextlib  # noqa: PLC0415
-
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from jax._src import array  # noqa: PLC0415
-
-    from dino_jax import checkpoint, schedules, sharding, train  # noqa: PLC0415
-    from dino_jax import main as dmain  # noqa: PLC0415
-    from dino_jax.data import synthetic  # noqa: PLC0415
-
     # Identical programs (the loop's step and the bare one, both NaN-run steps) compile once.
     jax.config.update("jax_compilation_cache_dir", os.path.join(tmp, "xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     out = {}
-    # 1. Count device-to-host reads and waits inside and outside the sync-free stretches.
+    # 1. Count device-to-host reads and waits inside and outside the sync-free stretches:
+    # a stretch opens at each on_sync call (the loop's start and every sync point but the
+    # last) and closes at the loop's next jax.device_get, the sync point's one fetch.
     counts = {"inside": 0, "outside": 0, "stretches": 0}
     where = {"in": False}
     value = array.ArrayImpl._value
     block = array.ArrayImpl.block_until_ready
+    device_get = jax.device_get
 
     def counted_value(self):
         counts["inside" if where["in"] else "outside"] += 1
         if where["in"] and os.environ.get("DEBUG_LOOP_TEST"):
-            import traceback  # noqa: PLC0415
             traceback.print_stack()
         return value.fget(self)
 
@@ -74,39 +73,41 @@ def _worker(tmp):
         counts["inside" if where["in"] else "outside"] += 1
         return block(self)
 
-    @contextlib.contextmanager
-    def between_syncs():
-        counts["stretches"] += 1
-        where["in"] = True
-        try:
-            yield
-        finally:
+    def counted_device_get(x):
+        if where["in"]:
+            counts["stretches"] += 1
             where["in"] = False
+        return device_get(x)
+
+    config = _config()
+
+    def on_sync(step, checkpointer):  # noqa: ARG001
+        where["in"] = step < config.total_steps
 
     array.ArrayImpl._value = property(counted_value)
     array.ArrayImpl.block_until_ready = counted_block
-    between_syncs_orig, dmain._between_syncs = dmain._between_syncs, between_syncs
     # Control: the counter sees an implicit read (float) and an explicit one (device_get).
     x = jax.numpy.ones(())
-    with between_syncs():
-        float(x)
-        jax.device_get(x + 1)
-    out["control_inside"], counts["inside"], counts["stretches"] = counts["inside"], 0, 0
-    config = _config()
-    summary = dmain.train_and_evaluate(config, os.path.join(tmp, "loop"))
+    where["in"] = True
+    float(x)
+    device_get(x + 1)
+    where["in"] = False
+    out["control_inside"], counts["inside"] = counts["inside"], 0
+    jax.device_get = counted_device_get
+    summary = trainer.train_and_evaluate(config, os.path.join(tmp, "loop"), on_sync=on_sync)
     out["counts"], out["summary"] = dict(counts), summary
     array.ArrayImpl._value, array.ArrayImpl.block_until_ready = value, block
-    dmain._between_syncs = between_syncs_orig
+    jax.device_get = device_get
 
     # 2. The bare step on the same batches gives the loop's checkpoint bit for bit.
     mesh = sharding.make_mesh(1)
     state = train.create_train_state(config, jax.random.PRNGKey(int(config.seed)), mesh=mesh)
     data = synthetic.SyntheticIterator(config.data, config.batch_size, config.seed, mesh)
     sched = schedules.build_schedules(config, data.steps_per_epoch)
-    step = train.make_train_step(config, mesh=mesh, state_sharding=jax.tree.map(lambda a: a.sharding, state),
-                                 schedule=sched)
+    step = train.TrainStep(config, sched, mesh=mesh, state_sharding=jax.tree.map(lambda a: a.sharding, state))
+    acc = step.new_accumulator()
     for _ in range(config.total_steps):
-        state, _ = step(state, next(data))
+        state, _, acc = step(state, next(data), acc)
     ck = checkpoint.TrainCheckpointer(os.path.join(tmp, "loop"), async_save=False)
     out["saved_steps"] = ck.all_steps()
     tree, meta = ck.restore(ck.latest_step())
@@ -120,9 +121,9 @@ def _worker(tmp):
     bad_dir = os.path.join(tmp, "nan")
     try:
         # Only the lr differs (a schedule value): the same step program, compiled once.
-        dmain.train_and_evaluate(_config(lr=1e30, log_every_steps=5), bad_dir)
+        trainer.train_and_evaluate(_config(lr=1e30, log_every_steps=5), bad_dir)
         out["nan_error"] = None
-    except dmain.TrainingError as e:
+    except trainer.TrainingError as e:
         out["nan_error"] = str(e)
     ck = checkpoint.TrainCheckpointer(bad_dir, async_save=False)
     out["nan_saved_steps"] = ck.all_steps()
@@ -185,8 +186,6 @@ def _wait_for(cond, timeout=30.0):
 
 
 def test_device_prefetcher_keeps_two_batches_ahead_and_hands_on_errors():
-    from dino_jax.main import DevicePrefetcher  # noqa: PLC0415
-
     it = _Counting()
     p = DevicePrefetcher(it, lambda b: ("on device", b), depth=2)
     try:

@@ -2,7 +2,9 @@
 save, non-finite stop, and two processes training together with jax.distributed.
 
 Every run is a real ``python -m dino_jax.main`` subprocess on the offline
-Fashion-MNIST with tiny dims (a few seconds of training each).
+Fashion-MNIST with tiny dims (a few seconds of training each), except the run
+that is killed: this file executed as a script parses the same flags and runs
+``trainer.train_and_evaluate`` with an ``on_sync`` callback that SIGKILLs it.
 """
 import json
 import os
@@ -10,13 +12,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from dino_jax import checkpoint
+from dino_jax import checkpoint, trainer
 from official_fixtures import nu_by_param_path, state_rel_err
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +35,7 @@ TINY = [
     "--config.data.num_local_crops=2", "--config.data.local_crop_size=14",
     "--config.data.shuffle_buffer=256",
     "--config.batch_size=8", "--config.total_steps=6", "--config.checkpoint_every_steps=2",
-    "--config.keep_checkpoints=10", "--config.log_every_steps=1", "--config.data.eval_split=",
+    "--config.keep_checkpoints=10", "--config.log_every_steps=1", "--config.evals.knn.every_epochs=-1",
     "--config.freeze_last_layer=0", "--config.warmup_epochs=0.0", "--config.lr=0.002",
 ]
 
@@ -44,6 +47,27 @@ def run_main(workdir, *extra, env=None, wait=True):
         return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def killed_run(workdir, kill_at):
+    """The run of ``run_main(workdir)``, SIGKILLed right after step ``kill_at`` once its
+    saves in flight are complete (see :func:`_kill_worker`)."""
+    cmd = [sys.executable, os.path.abspath(__file__), str(kill_at), f"--workdir={workdir}", *TINY]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _kill_worker(kill_at, argv):
+    config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory")
+    flags.FLAGS(argv)
+
+    def on_sync(step, checkpointer):
+        if step == kill_at:
+            checkpointer.wait()  # the saves in flight complete: the restart has them to resume
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, on_sync=on_sync)
 
 
 def final_state(workdir):
@@ -88,7 +112,7 @@ def test_end_to_end_writes_checkpoints_logs_and_summary(reference_run):
 def test_sigkill_and_restart_reproduce_the_uninterrupted_run(reference_run, tmp_path):
     ref_dir, _ = reference_run
     workdir = str(tmp_path / "killed")
-    r = run_main(workdir, env={"DINO_JAX_TEST_KILL_AT_STEP": "3"})
+    r = killed_run(workdir, 3)
     assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
     ck = checkpoint.TrainCheckpointer(workdir, async_save=False)
     assert ck.latest_step() == 2  # step 3 was never saved
@@ -192,3 +216,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
             assert err < 1e-4, f"{jax.tree_util.keystr(path)}: {err}"
         else:
             np.testing.assert_array_equal(a, b)
+
+
+if __name__ == "__main__":
+    _kill_worker(int(sys.argv[1]), [sys.argv[0], *sys.argv[2:]])

@@ -3,14 +3,21 @@ and with parameters/optimiser state split over an 'fsdp' axis) gives the same
 state within 1e-5.
 
 The simulated devices need XLA_FLAGS before jax is imported, so the comparison
-runs in a subprocess: this file executed as a script is the worker.
+runs in a subprocess (XLA_FLAGS in its environment): this file executed as a
+script is the worker.
 """
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
+
+from dino_jax import schedules, sharding, train
+from dino_jax.config_defaults import base_config
 from official_fixtures import state_rel_err
 
 NUM_DEVICES = 8
@@ -19,7 +26,6 @@ TOL = 1e-5
 
 
 def _config():
-    from dino_jax.config_defaults import base_config  # noqa: PLC0415
     c = base_config()
     c.update(dict(
         model=dict(arch="custom", patch_size=4, embed_dim=16, depth=2, num_heads=2, img_size=16,
@@ -33,10 +39,6 @@ def _config():
 
 
 def _worker():
-    import jax  # noqa: PLC0415  (after XLA_FLAGS, set by the parent)
-    import numpy as np  # noqa: PLC0415
-    from dino_jax import schedules, sharding, train  # noqa: PLC0415
-
     assert jax.device_count() == NUM_DEVICES, jax.devices()
     config = _config()
     sched = schedules.build_schedules(config, steps_per_epoch=1)
@@ -59,10 +61,10 @@ def _worker():
         st_shape = jax.eval_shape(lambda: init)
         st_sh = train.state_shardings(st_shape, mesh, num_fsdp=num_fsdp, min_fsdp_size=0)
         state = jax.device_put(init, st_sh)
-        step = train.make_train_step(config, mesh=mesh, state_sharding=st_sh, schedule=sched)
-        losses = []
+        step = train.TrainStep(config, sched, mesh=mesh, state_sharding=st_sh)
+        losses, acc = [], step.new_accumulator()
         for b in batches:
-            state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
+            state, m, acc = step(state, jax.device_put(b, sharding.batch_sharding(mesh)), acc)
             losses.append(float(m["loss"]))
         n_split = sum(1 for x in jax.tree.leaves(state)
                       if any(a is not None for a in x.sharding.spec))
@@ -88,10 +90,10 @@ def _worker():
     out["moved"] = float(np.max(np.abs(ref.student["head"]["last_layer"]["weight_v"]
                                        - init.student["head"]["last_layer"]["weight_v"])))
     mesh8 = sharding.make_mesh(1)
-    step8 = train.make_train_step(config, mesh=mesh8, schedule=sched)
+    step8 = train.TrainStep(config, sched, mesh=mesh8)
     bad = {k: v[:4].repeat(3, axis=0) for k, v in batches[0].items()}  # 12 images
     try:
-        step8(init, bad)
+        step8(init, bad, step8.new_accumulator())
         out["bad_batch"] = None
     except ValueError as e:
         out["bad_batch"] = str(e)
@@ -141,8 +143,6 @@ def test_indivisible_batch_is_one_clear_error(multi_device_result):
 
 
 def test_fsdp_spec_rules():
-    from dino_jax import sharding  # noqa: PLC0415
-    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
     assert sharding.fsdp_spec((384, 1152), 4, min_size=0) == P(None, "fsdp")
     assert sharding.fsdp_spec((6, 10), 4, min_size=0) == P()          # nothing divisible
     assert sharding.fsdp_spec((384, 1152), 1, min_size=0) == P()      # no fsdp

@@ -101,11 +101,17 @@ def test_tpu_aot_compiles_tiny_step_for_v5e_dp_and_fsdp(tiny_config):
         ratio = r["xla_flops_per_image"] / r["analytic_flops_per_image"]
         assert 1.0 <= ratio <= 1.5, (name, ratio)
         assert r["est_max_per_chip_batch"] >= batch_per_chip    # it fits, so at least this
+        # Roofline on v5e (197 TFLOP/s bf16, 819 GB/s): the slower of compute and HBM traffic.
+        flops = r["xla_flops_per_image"] * batch_per_chip
+        bound = max(flops / 197e12, r["xla_bytes_accessed_per_chip"] / 819e9)
+        assert r["roofline_step_s"] == pytest.approx(bound, rel=1e-6) and bound > 0
+        assert r["roofline_images_per_second_per_chip"] == pytest.approx(batch_per_chip / bound, rel=1e-6)
     assert res["dp"]["num_fsdp"] == 1 and res["fsdp"]["num_fsdp"] == 4
     # Data parallel: the whole state on every chip (TPU tiling pads small tensors, so
     # the buffers are at least the logical bytes) and the gradients all-reduced.
     dp = res["dp"]
     assert dp["argument_bytes"] >= state_bytes + crop_bytes
+    assert dp["xla_bytes_accessed_per_chip"] >= state_bytes  # the step reads the whole state
     assert dp["collectives"]["all-reduce"] >= 1
     assert dp["collectives"]["all-gather"] == 0
     # fsdp over the 4 chips: large tensors split (less argument HBM per chip than data
@@ -137,6 +143,18 @@ def _load_script():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)   # imports no jax at module level
     return mod
+
+
+def test_roofline_bound():
+    """Compute-bound and memory-bound cases on the stated chip figures."""
+    aot = _load_script()
+    r = aot.roofline(275e12, 1228e9 / 2, "TPU v4", 64)   # 1 s of FLOPs, 0.5 s of HBM traffic
+    assert r["bound_by"] == "compute" and r["step_s"] == pytest.approx(1.0)
+    assert r["images_per_second_per_chip"] == pytest.approx(64.0)
+    r = aot.roofline(197e12, 2 * 819e9, "TPU v5 lite", 32)  # 1 s of FLOPs, 2 s of HBM traffic
+    assert r["bound_by"] == "memory" and r["step_s"] == pytest.approx(2.0)
+    assert r["images_per_second_per_chip"] == pytest.approx(16.0)
+    assert aot.roofline(0.0, 1e9, "TPU v4", 8) is None
 
 
 @pytest.mark.parametrize("start,slope,power", [(32, 1e8, 1.0), (512, 1e8, 1.0), (32, 1e7, 1.0),

@@ -1,7 +1,7 @@
 """The one place TensorFlow is imported: CPU only, quiet, never on the accelerator."""
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported: no C++ info logs
 
 import tensorflow as tf  # noqa: E402
 
@@ -11,9 +11,8 @@ except RuntimeError:  # already initialised by the caller: its choice stands
     pass
 
 # tf.data parallelises over examples (parallel map); an op that also splits itself
-# over the intra-op pool only adds contention: on 2 cores the multi-crop pipeline ran
-# at 89 img/s with the default (one intra-op thread per core) and 121 img/s with 1.
-# TF_NUM_INTRAOP_THREADS (read by TF itself) still overrides this.
+# over the intra-op pool only adds contention, so each op runs on one thread
+# (benchmarks/README.md). TF_NUM_INTRAOP_THREADS (read by TF itself) still overrides this.
 if "TF_NUM_INTRAOP_THREADS" not in os.environ:
     try:
         tf.config.threading.set_intra_op_parallelism_threads(1)
