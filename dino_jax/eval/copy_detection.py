@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-from dino_jax.eval import common
+from dino_jax.eval import base, common, features
 from dino_jax.eval.common import EvalError
 
 BLOCKS = (["original", "strong"] + [f"jpegqual/{q}" for q in (3, 5, 8, 10, 15, 20, 30, 50, 75)]
@@ -112,10 +112,9 @@ def _gem_fn(model):
 
     @jax.jit
     def fn(params, x):
-        tokens = model.apply({"params": params}, x, method="get_tokens").astype(jnp.float32)
-        patches = jnp.maximum(tokens[:, 1:], 1e-6)
-        gem = jnp.mean(patches ** 4, axis=1) ** (1.0 / 4)
-        return jnp.concatenate([tokens[:, 0], gem], axis=1)
+        cls, patches = features.forward(model, params, x, "tokens")
+        gem = jnp.mean(jnp.maximum(patches, 1e-6) ** 4, axis=1) ** (1.0 / 4)
+        return jnp.concatenate([cls, gem], axis=1)
 
     return fn
 
@@ -227,8 +226,10 @@ def main(argv=None) -> int:
         model, params = common.load_backbone(a.checkpoint, a.dtype)
         if a.imsize % model.patch_size:
             raise EvalError(f"--imsize {a.imsize} is not a multiple of the patch size {model.patch_size}")
-        res = evaluate(model, params, a.data_path, a.whitening_path, a.distractors_path, a.imsize,
-                       a.batch_size, progress=lambda m: print(m, flush=True))
+        settings = dict(data_path=a.data_path, whitening_path=a.whitening_path,
+                        distractors_path=a.distractors_path, imsize=a.imsize, batch_size=a.batch_size)
+        res = base.FunctionEvaluator("copy_detection", evaluate, settings,
+                                     progress=lambda m: print(m, flush=True)).run(model, params)
         for k, v in res.items():
             print(f"eval on {k[len('copydays_'):-len('_map')]} mAP={v / 100:.3f}")
         print(json.dumps(res))

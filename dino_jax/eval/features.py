@@ -198,14 +198,6 @@ def feature_fn(backbone, output: str = "cls", normalize: bool = False, mesh=None
                    out_shardings=sharding.batch_sharding(mesh))
 
 
-def make_extract_fn(model, attention: bool):
-    """``(params, images) -> (cls (B, D), CLS-to-patch attention (B, heads, h, w) or None)``."""
-    if attention:
-        return feature_fn(model, "cls_attention")
-    fn = feature_fn(model, "cls")
-    return lambda params, x: (fn(params, x), None)
-
-
 def extract(model, params, inputs: Inputs, batch_size: int = 64, attention: bool = False, progress=None,
             sink=None, num_threads: int = 0):
     """(cls (N, D) float32, list of per-image attention maps (heads, h, w) or None).
@@ -216,7 +208,7 @@ def extract(model, params, inputs: Inputs, batch_size: int = 64, attention: bool
     ``sink`` as it is made and nothing is kept (returns ``(None, None)``)."""
     if batch_size <= 0:
         raise EvalError(f"batch size must be positive, got {batch_size}")
-    fn = make_extract_fn(model, attention)
+    fn = feature_fn(model, "cls_attention" if attention else "cls")
     n = len(inputs)
     by_size: dict = {}
     for i in range(n):
@@ -234,7 +226,7 @@ def extract(model, params, inputs: Inputs, batch_size: int = 64, attention: bool
         x = np.stack([next(decoded) for _ in idx])
         if len(idx) < full:
             x = np.concatenate([x, np.zeros((full - len(idx),) + x.shape[1:], x.dtype)])
-        c, a = fn(params, x)
+        c, a = fn(params, x) if attention else (fn(params, x), None)
         if sink is not None:
             sink(idx, np.asarray(c)[:len(idx)], np.asarray(a)[:len(idx)] if attention else None)
         else:

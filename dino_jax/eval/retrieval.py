@@ -33,7 +33,7 @@ import sys
 
 import numpy as np
 
-from dino_jax.eval import common
+from dino_jax.eval import base, common, features
 from dino_jax.eval.common import EvalError
 
 DATASETS = ("roxford5k", "rparis6k")
@@ -175,10 +175,8 @@ def image_features(model, params, images, multiscale: bool = False, batch_size: 
     any iterable (read one at a time: only the images waiting in a batch are in memory).
     Each (scale, size) has its own bucket, run when it holds ``batch_size`` images and
     at the end (batch padded with zeros, the pad rows dropped)."""
-    from dino_jax.eval import features  # noqa: PLC0415
-
     p = model.patch_size
-    fn = features.make_extract_fn(model, False)
+    fn = features.feature_fn(model, "cls")
     scales = SCALES if multiscale else (1.0,)
     rows: list = []  # float64 sums of the CLS over the scales, one per image
     buckets: dict = {}  # input shape -> ([image index], [normalised input])
@@ -187,7 +185,7 @@ def image_features(model, params, images, multiscale: bool = False, batch_size: 
         idx, xs = buckets.pop(shape)
         full = _padded_batch(len(xs), batch_size)
         x = np.stack(xs + [np.zeros_like(xs[0])] * (full - len(xs)))
-        cls = np.asarray(fn(params, x)[0])[:len(idx)]
+        cls = np.asarray(fn(params, x))[:len(idx)]
         for i, c in zip(idx, cls):
             rows[i] += c
 
@@ -255,8 +253,10 @@ def main(argv=None) -> int:
             raise EvalError("--imsize and --batch_size must be positive")
         read_dataset(a.data_path, a.dataset)  # a bad layout fails before the model loads
         model, params = common.load_backbone(a.checkpoint, a.dtype)
-        res = evaluate(model, params, a.data_path, a.dataset, a.imsize, a.multiscale, a.batch_size,
-                       progress=lambda m: print(m, flush=True))
+        settings = dict(data_path=a.data_path, dataset=a.dataset, imsize=a.imsize, multiscale=a.multiscale,
+                        batch_size=a.batch_size)
+        res = base.FunctionEvaluator("retrieval", evaluate, settings,
+                                     progress=lambda m: print(m, flush=True)).run(model, params)
         d = a.dataset
         print(f">> {d}: mAP M: {res[f'{d}_map_medium']:.2f}, H: {res[f'{d}_map_hard']:.2f}")
         print(f">> {d}: mP@k{list(KAPPAS)} M: {[round(res[f'{d}_mp@{k}_medium'], 2) for k in KAPPAS]}, "

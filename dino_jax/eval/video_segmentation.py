@@ -33,6 +33,7 @@ last; ``J&F`` is the mean of the object means of J and F.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -41,8 +42,9 @@ import tempfile
 
 import numpy as np
 
-from dino_jax.eval import common
+from dino_jax.eval import base, common, features
 from dino_jax.eval.common import EvalError
+from dino_jax.models.head import l2_normalize
 
 MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 STD = np.array((0.228, 0.224, 0.225), np.float32)  # the official color_normalize values (0.228, not 0.229)
@@ -182,13 +184,15 @@ def neighbourhood_mask(h: int, w: int, size: int) -> np.ndarray:
     return (mi[:, None, :, None] & mj[None, :, None, :]).reshape(h * w, h * w).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=8)
 def make_feature_fn(model):
+    """Jitted ``(params, frame (H, W, 3)) -> (h*w, D)``: the final normalised patch tokens,
+    built once per backbone."""
     import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
     @jax.jit
-    def fn(params, x):  # (H, W, 3) -> (h*w, D) last-block normalised patch tokens
-        return model.apply({"params": params}, x[None], method="get_tokens")[0, 1:].astype(jnp.float32)
+    def fn(params, x):
+        return features.forward(model, params, x[None], "tokens")[1][0]
 
     return fn
 
@@ -202,10 +206,7 @@ def _propagate_impl(feat_tar, feat_src, segs, valid, mask, topk: int):
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    def l2n(x):
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-    t, s = l2n(feat_tar), l2n(feat_src)
+    t, s = l2_normalize(feat_tar), l2_normalize(feat_src)
     aff = jnp.exp(jnp.einsum("qd,nkd->nqk", t, s, precision=jax.lax.Precision.HIGHEST) / 0.1)  # (n, q, k)
     aff = aff * valid[:, None, None]
     if mask is not None:
@@ -431,8 +432,11 @@ def main(argv=None) -> int:
             raise EvalError("--topk and --scale_size must be positive, --n_last_frames non-negative")
         read_davis(a.data_path, a.max_videos)  # a bad layout fails before the model loads
         model, params = common.load_backbone(a.checkpoint, a.dtype)
-        res = evaluate(model, params, a.data_path, a.output_dir, a.n_last_frames, a.size_mask_neighborhood,
-                       a.topk, a.scale_size, a.max_videos, progress=lambda m: print(m, flush=True))
+        settings = dict(data_path=a.data_path, output_dir=a.output_dir, n_last_frames=a.n_last_frames,
+                        size_mask_neighborhood=a.size_mask_neighborhood, topk=a.topk, scale_size=a.scale_size,
+                        max_videos=a.max_videos)
+        res = base.FunctionEvaluator("video_segmentation", evaluate, settings,
+                                     progress=lambda m: print(m, flush=True)).run(model, params)
         print(f"J&F-Mean {res['davis_jf_mean']:.2f}  J-Mean {res['davis_j_mean']:.2f}  "
               f"F-Mean {res['davis_f_mean']:.2f}  (masks in {a.output_dir})")
         print(json.dumps(res))
