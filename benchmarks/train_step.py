@@ -162,11 +162,11 @@ def time_loop(config, steps: int) -> float:
     checkpoint or evaluation; timed from the first log step to the last step."""
     cfg = copy.deepcopy(config)
     warm = int(cfg.log_every_steps)
-    cfg.data.source = "synthetic"
+    cfg.data.source, cfg.data.eval_split = "synthetic", ""
     cfg.total_steps = warm + steps
     cfg.checkpoint_every_steps = cfg.total_steps + 1
-    for block in cfg.evals.values():
-        block.every_epochs = -1       # no evaluation: the loop alone
+    cfg.knn_every_epochs = 0
+    cfg.knn_random_init = False
     workdir = tempfile.mkdtemp(prefix="dino_bench_loop_")
     try:
         summary = trainer.train_and_evaluate(cfg, workdir, stream=io.StringIO())

@@ -164,27 +164,26 @@ def test_training_starts_from_init_from_and_resume_wins_over_it(nets, tmp_path, 
     """A real run (3 steps) warm-started from an official full checkpoint: the first log
     lines say so. Its latest checkpoint (step 3) is then damaged; the rerun (to step 2)
     names it in its first line, sets it aside, and resumes the run's own step 2, not
-    ``init_from``. Both runs' ``evals.knn.random_init`` baseline is the loaded teacher (the
+    ``init_from``. Both runs' ``knn_random_init`` baseline is the loaded teacher (the
     weights the run started from), not the discarded fresh initialisation."""
-    from dino_jax.eval import knn  # noqa: PLC0415
+    from dino_jax.eval import periodic  # noqa: PLC0415
 
     evaluated = []  # the backbone params every end-of-run k-NN was given
-    knn_run = knn.KnnEvaluator.run
+    knn_call = periodic.KnnEvaluator.__call__
 
-    def recording_knn(self, backbone, params):
+    def recording_knn(self, backbone, params, mesh, *args, **kwargs):
         evaluated.append(np_tree(params))
-        return knn_run(self, backbone, params)
+        return knn_call(self, backbone, params, mesh, *args, **kwargs)
 
-    monkeypatch.setattr(knn.KnnEvaluator, "run", recording_knn)
+    monkeypatch.setattr(periodic.KnnEvaluator, "__call__", recording_knn)
 
     _, student, teacher, center = nets
     config = tiny_config()
     config.update(dict(
         total_steps=3, checkpoint_every_steps=1, keep_checkpoints=10, log_every_steps=1,
         freeze_last_layer=0, warmup_epochs=0.0, lr=0.002,
-        evals=dict(knn=dict(every_epochs=0, eval_split="test", random_init=True, max_train_examples=64,
-                            max_eval_examples=32, batch_size=32)),
-        data=dict(source="fashion_mnist", path=FMNIST, train_split="train[:64]",
+        knn_random_init=True, knn_max_train_examples=64, knn_max_eval_examples=32, knn_batch_size=32,
+        data=dict(source="fashion_mnist", path=FMNIST, train_split="train[:64]", eval_split="test",
                   eval_image_size=16, eval_resize_ratio=1.0,
                   global_crop_size=16, local_crop_size=8, num_local_crops=2, blur_sigma=(0.1, 0.3))))
     pth = str(tmp_path / "checkpoint.pth")
