@@ -19,10 +19,9 @@ the two side by side over seeds:
 
   python -m dino_jax.main --config=configs/fmnist_nano.py --workdir=/tmp/nano --config.seed=0
 
-Sized for a 2-core CPU (about 10-15 minutes a run there, k-NN included).
-Official result (the official code on this recipe, one run on the 2-core dev
-machine, issue 17): k-NN top-1 60.14% for the trained teacher, 54.50% at random
-init (+5.64); ``benchmarks/learning_parity.py`` compares over seeds.
+Sized for a CPU. ``benchmarks/learning_parity.py`` compares the k-NN gain over
+random init of this recipe with the official code's over seeds (results in
+benchmarks/README.md).
 """
 from dino_jax.config_defaults import base_config
 

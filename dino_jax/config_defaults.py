@@ -116,9 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Photometric ops through PIL itself, as the official torchvision transforms run them
     # (uint8 after the resize and after every op, PIL's box-approximated GaussianBlur,
     # PIL's HSV hue shift), on the same random decisions, via tf.numpy_function (slow:
-    # holds the GIL; for small images and fidelity checks, issue 17). Off: the float
-    # tf/XLA ops (README "Data": documented deviations). Not with device_augment.
-    c.data.pil_ops = False            # see the comment above (issue 17: learning parity)
+    # holds the GIL; for small images and fidelity checks such as the learning-parity
+    # runs). Off: the float tf/XLA ops (README "Data": documented deviations). Not with
+    # device_augment.
+    c.data.pil_ops = False            # see the comment above
 
     # ---------------- loop, checkpoints, logging ----------------
     c.seed = 0                        # params init, drop path and augmentation seeds (official default)
