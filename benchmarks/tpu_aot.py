@@ -11,7 +11,10 @@ shardings a real run on that slice uses (``dino_jax.sharding``,
 training loop runs) for them. It prints the compile time, per-chip HBM (arguments, outputs that do
 not alias a donated argument, temporaries, code) against the chip's capacity,
 whether it fits, XLA's FLOPs per image beside the analytic recipe count of
-``benchmarks/train_step.py``, and the collectives of the compiled program.
+``benchmarks/train_step.py``, the collectives of the compiled program, and the
+roofline bound on the step time (XLA's FLOPs and bytes accessed against the
+chip's peak bf16 FLOP/s and HBM bandwidth, ``PEAK_TFLOPS`` / ``HBM_GBPS``) with
+the images/s per chip it implies.
 ``--find_max_batch`` then searches the largest per-chip batch that fits (each
 probe is one compile; the TPU compiler itself rejects programs that exceed the
 chip's HBM). Table first; the last line is a JSON object.
@@ -23,9 +26,8 @@ ordinary JAX processes do not probe for a TPU::
 
 This script puts ``--libtpu_dir`` (default ``$DINO_JAX_LIBTPU_DIR`` or
 ``~/.cache/dino_jax/libtpu``) on ``sys.path`` and runs JAX with
-``JAX_PLATFORMS=cpu``. Compiling the ViT-S/16 multi-crop step took ~7 CPU-minutes
-(34 minutes of wall time at nice 10 on a busy 2-core machine): every
-``--find_max_batch`` probe costs as much.
+``JAX_PLATFORMS=cpu``. Compiling a recipe's multi-crop step takes minutes of CPU
+time, and every ``--find_max_batch`` probe costs as much.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ import os
 import re
 import sys
 import time
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -158,6 +162,22 @@ def setup_environment(libtpu_dir: str, topology: str) -> None:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{accel}-{n * cores}")
 
 
+# JAX and the dino_jax modules that import it: bound by import_jax() once
+# setup_environment() has run (JAX_PLATFORMS and libtpu must be in place first, and
+# the search and roofline helpers below are usable without JAX).
+jax = jnp = topologies = schedules = sharding = train = None
+
+
+def import_jax() -> None:
+    """Import JAX and the dino_jax modules into this module (after setup_environment)."""
+    global jax, jnp, topologies, schedules, sharding, train  # noqa: PLW0603
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from jax.experimental import topologies  # noqa: PLC0415
+
+    from dino_jax import schedules, sharding, train  # noqa: PLC0415
+
+
 def installed_libtpu_version(libtpu_dir: str) -> str:
     for name in os.listdir(libtpu_dir):
         m = re.fullmatch(r"libtpu-(.+)\.dist-info", name)
@@ -183,8 +203,6 @@ def load_config(path):
 
 
 def topology_devices(name: str):
-    from jax.experimental import topologies  # noqa: PLC0415
-    import jax  # noqa: PLC0415
     chip = name.split(":")[0]
     if chip not in CHIPS:
         raise UsageError(f"--topology {name!r}: unknown chip {chip!r}; use one of "
@@ -199,7 +217,6 @@ def topology_devices(name: str):
 
 
 def make_mesh(devices, num_fsdp: int):
-    from dino_jax import sharding  # noqa: PLC0415
     try:
         return sharding.make_mesh(num_fsdp, devices)
     except ValueError as e:
@@ -208,10 +225,6 @@ def make_mesh(devices, num_fsdp: int):
 
 def abstract_arguments(config, mesh, models, optimizer, steps_per_epoch):
     """ShapeDtypeStructs (with shardings) of the step's (state, batch, schedule)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from dino_jax import schedules, sharding, train  # noqa: PLC0415
 
     backbone, head = models
 
@@ -271,8 +284,6 @@ def parse_oom(msg: str) -> dict:
 
 def compile_step(config, mesh, models, optimizer, steps_per_epoch, capacity_bytes, dump_hlo=None):
     """Compile the real train step for ``mesh``; a dict of what came out."""
-    import jax  # noqa: PLC0415
-    from dino_jax import sharding, train  # noqa: PLC0415
 
     try:
         sharding.check_batch_size(int(config.batch_size), mesh)
@@ -418,8 +429,7 @@ def gib(x):
 def main(argv=None):
     a = parse_args(argv)
     setup_environment(a.libtpu_dir, a.topology)
-    import jax  # noqa: PLC0415
-    from dino_jax import train  # noqa: PLC0415
+    import_jax()
 
     config = load_config(a.config)
     if a.dtype:

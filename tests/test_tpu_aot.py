@@ -1,6 +1,7 @@
 """benchmarks/tpu_aot.py: the real train step compiled ahead of time for a TPU slice
 (v5e:2x2) on this CPU machine, with libtpu from its own folder (see the script's doc;
 .ci/run installs it). A tiny ViT so each compile takes seconds."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -57,7 +58,6 @@ def tiny_config(tmp_path_factory):
 
 def _tiny_state_bytes(config_path):
     """Logical bytes of the tiny TrainState (student, teacher, Adam moments, ...)."""
-    import importlib.util  # noqa: PLC0415
     spec = importlib.util.spec_from_file_location("tiny_aot_cfg", config_path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -138,7 +138,6 @@ def test_tpu_aot_bad_input_one_error_line(tiny_config, tmp_path):
 
 
 def _load_script():
-    import importlib.util  # noqa: PLC0415
     spec = importlib.util.spec_from_file_location("tpu_aot", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)   # imports no jax at module level
