@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
                                       # configs' default). Official default is fp16 autocast; float32 is
                                       # the exact reference (quickstart, tests).
     c.model.fused_attention = False   # deviation: jax.nn.dot_product_attention (cuDNN flash on GPU in bf16/fp16)
+    c.model.platform_ops = "auto"     # auto | cpu | generic: the form of a few operations (same values);
+                                      # auto: CPU forms in programs lowered for CPU, generic otherwise
     c.model.remat = False             # rematerialise blocks (all but the last): less memory, ~30% more compute
     # DINOv2 backbones (configs/dinov2_*.py; the defaults are DINO's ViT):
     c.model.num_register_tokens = 0   # learned register tokens after CLS, no position embedding (hub _reg: 4)

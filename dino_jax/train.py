@@ -81,7 +81,7 @@ def build_models(config) -> tuple[vit.VisionTransformer, DINOHead]:
     """(backbone, head) from ``config.model``. The backbone carries the student's
     drop-path rate; the teacher runs the same module with ``train=False``."""
     m = config.model
-    fields = ("arch", "patch_size", "img_size", "fused_attention", "remat")
+    fields = ("arch", "patch_size", "img_size", "fused_attention", "remat", "platform_ops")
     if m.arch == "custom":  # otherwise the official dims of the arch win over these fields
         fields += ("embed_dim", "depth", "num_heads")
     cfg = {k: m[k] for k in fields}
@@ -89,7 +89,8 @@ def build_models(config) -> tuple[vit.VisionTransformer, DINOHead]:
     backbone = vit.build_backbone(cfg, drop_path_rate=float(m.drop_path_rate), dtype=dtype)
     head = DINOHead(out_dim=int(m.out_dim), norm_last_layer=bool(m.norm_last_layer),
                     nlayers=int(m.head_nlayers), hidden_dim=int(m.head_hidden_dim),
-                    bottleneck_dim=int(m.head_bottleneck_dim), dtype=dtype)
+                    bottleneck_dim=int(m.head_bottleneck_dim), dtype=dtype,
+                    platform_ops=str(m.platform_ops))
     return backbone, head
 
 

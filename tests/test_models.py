@@ -1,26 +1,24 @@
 """ViT and DINO head against the official PyTorch numbers, and model behaviour.
 
-Tolerance: max relative error (max|a-e| / max|e|) under 1e-4 in float32, as the
-foundation issue states; measured here ~3e-7.
+Tolerance: max relative error (max|a-e| / max|e|) under 1e-4 in float32 (float32
+rounding alone gives well under that). Every parity test runs both forms of
+the operations (``platform_ops``): "generic", what a GPU or TPU runs, and "cpu".
 """
-import math
-import re
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dino_jax import convert, train
-from dino_jax.models import ops, vit
+from dino_jax import convert
+from dino_jax.models import platform_ops, vit
 from dino_jax.models.head import DINOHead, frozen_weight_g_mask, weight_norm
 from official_fixtures import cases, group, load, max_rel_err
 
 TOL = 1e-4
+FORMS = ("generic", "cpu")  # model.platform_ops: the accelerators' form and the CPU form
 
 
-def _backbone_from_fixture(name):
+def _backbone_from_fixture(name, platform_ops="generic"):
     meta, arrays = load(name)
     sd = group(arrays, "state_dict/")
     params = convert.torch_to_flax_backbone(sd, num_heads=meta["num_heads"])
@@ -28,13 +26,24 @@ def _backbone_from_fixture(name):
         patch_size=meta["patch_size"], embed_dim=meta["embed_dim"], depth=meta["depth"],
         num_heads=meta["num_heads"], mlp_ratio=meta.get("mlp_ratio", 4),
         qkv_bias=meta.get("qkv_bias", True), img_size=meta.get("img_size", 224),
-        layer_norm_eps=meta.get("layer_norm_eps", 1e-6))
+        layer_norm_eps=meta.get("layer_norm_eps", 1e-6), platform_ops=platform_ops)
     return meta, arrays, sd, model, params
 
 
+def _grad_err(model, v, x, method=None):
+    """Max relative difference of every parameter gradient of ``sum(f(x) * w)`` between
+    ``model`` and its "generic" form (to float32 rounding: the same products and sums)."""
+    w = jax.random.normal(jax.random.key(7), jax.eval_shape(lambda: model.apply(v, x, method=method)).shape)
+    generic = model.clone(platform_ops="generic")
+    grads = [jax.jit(jax.grad(lambda p, m=m: (m.apply(p, x, method=method) * w).sum()))(v)
+             for m in (model, generic)]
+    return max(max_rel_err(a, b) for a, b in zip(*map(jax.tree.leaves, grads)))
+
+
+@pytest.mark.parametrize("platform_ops", FORMS)
 @pytest.mark.parametrize("name", cases("backbone"))
-def test_backbone_parity(name):
-    meta, arrays, _, model, params = _backbone_from_fixture(name)
+def test_backbone_parity(name, platform_ops):
+    meta, arrays, _, model, params = _backbone_from_fixture(name, platform_ops)
     v = {"params": params}
     checked = 0
     for h, w in meta["sizes"]:
@@ -51,6 +60,8 @@ def test_backbone_parity(name):
         # Patch tokens are the last block's normalised output: same as intermediate[-1].
         toks = model.apply(v, x, method="get_tokens")
         np.testing.assert_allclose(toks, inter[-1], rtol=0, atol=1e-6)
+        if platform_ops != "generic":  # the CPU forms' backward passes: JAX's autodiff's gradients
+            assert _grad_err(model, v, x) < TOL, key
     assert checked >= 1, "no attention outputs were compared"
 
 
@@ -64,18 +75,21 @@ def test_backbone_roundtrip_bit_exact(name):
         assert np.array_equal(back[k], v), k
 
 
+@pytest.mark.parametrize("platform_ops", FORMS)
 @pytest.mark.parametrize("name", cases("head"))
-def test_head_parity(name):
+def test_head_parity(name, platform_ops):
     meta, arrays = load(name)
     sd = group(arrays, "state_dict/")
     params = convert.torch_to_flax_head(sd, prefix="")
     head = DINOHead(out_dim=meta["out_dim"], norm_last_layer=meta["norm_last_layer"],
                     nlayers=meta["nlayers"], hidden_dim=meta["hidden_dim"],
-                    bottleneck_dim=meta["bottleneck_dim"])
+                    bottleneck_dim=meta["bottleneck_dim"], platform_ops=platform_ops)
     init = head.init({"params": jax.random.key(0)}, jnp.zeros((1, meta["in_dim"])))["params"]
     assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
     y = head.apply({"params": params}, jnp.asarray(arrays["inputs/x"]))
     assert max_rel_err(y, arrays["outputs/y"]) < TOL
+    if platform_ops != "generic":
+        assert _grad_err(head, {"params": params}, jnp.asarray(arrays["inputs/x"])) < TOL
     back = convert.flax_to_torch_head(params, prefix="")
     assert sorted(back) == sorted(sd)
     for k, v in sd.items():
@@ -139,8 +153,9 @@ def test_drop_path_only_in_training():
                                   eval1)
 
 
-def test_bfloat16_compute_keeps_float32_params():
-    kw = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, img_size=32)
+@pytest.mark.parametrize("platform_ops", FORMS)
+def test_bfloat16_compute_keeps_float32_params(platform_ops):
+    kw = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, img_size=32, platform_ops=platform_ops)
     f32, bf16 = vit.VisionTransformer(**kw), vit.VisionTransformer(**kw, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     v = bf16.init({"params": jax.random.key(1)}, x)
@@ -169,155 +184,8 @@ def test_builders_match_official_dims():
             assert vit.build_backbone(vit.model_config(m)) == m
 
 
-def test_gelu_matches_torch_gelu_and_its_gradient():
-    """ops.gelu (erf form, hand-written backward) equals torch.nn.GELU() forward and
-    backward, and jax.nn.gelu(approximate=False), to float32 rounding: 2e-6 absolute
-    on x in [-12, 12] (|gelu| <= 12; torch's CPU kernel uses the same erf formula)."""
-    torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
-    x = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(0).normal(0, 3, 4000)]).astype(np.float32)
-    g = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
-    y, vjp = jax.vjp(ops.gelu, jnp.asarray(x))
-    (dx,) = vjp(jnp.asarray(g))
-    xt = torch.tensor(x, requires_grad=True)
-    yt = torch.nn.functional.gelu(xt)
-    yt.backward(torch.tensor(g))
-    np.testing.assert_allclose(np.asarray(y), yt.detach().numpy(), rtol=0, atol=2e-6)
-    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy(), rtol=0, atol=2e-6)
-    y_ref, vjp_ref = jax.vjp(lambda v: jax.nn.gelu(v, approximate=False), jnp.asarray(x))
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=2e-6)
-    np.testing.assert_allclose(np.asarray(dx), np.asarray(vjp_ref(jnp.asarray(g))[0]), rtol=0, atol=2e-6)
-    # a wrong backward (e.g. the cdf alone, missing x * pdf) is off by up to ~0.17 * |g|
-    cdf_only = g * 0.5 * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
-    assert np.max(np.abs(np.asarray(dx) - cdf_only)) > 0.1
-
-
-def test_bias_gelu_equals_gelu_of_the_biased_input_and_its_gradients():
-    """ops.bias_gelu(h, b) (the MLP's fc1 bias and GELU, recomputed in the backward from
-    h) equals jax.nn.gelu(h + b, approximate=False) in value and both gradients, under
-    jit on this CPU (the barrier path): 2e-6 absolute on values of size <= 12, the bias
-    gradient (a sum over 400 rows) to 1e-5 of its largest entry."""
-    rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.normal(0, 3, (8, 50, 24)).astype(np.float32))
-    b = jnp.asarray(rng.normal(0, 1, (24,)).astype(np.float32))
-    g = jnp.asarray(rng.normal(size=(8, 50, 24)).astype(np.float32))
-
-    def value_and_grads(f):
-        return jax.jit(lambda h, b, g: (lambda y, vjp: (y,) + vjp(g))(*jax.vjp(f, h, b)))(h, b, g)
-
-    y, dh, db = value_and_grads(ops.bias_gelu)
-    y_ref, dh_ref, db_ref = value_and_grads(lambda h, b: jax.nn.gelu(h + b, approximate=False))
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=2e-6)
-    np.testing.assert_allclose(np.asarray(dh), np.asarray(dh_ref), rtol=0, atol=2e-6)
-    np.testing.assert_allclose(np.asarray(db), np.asarray(db_ref), rtol=0, atol=1e-5 * np.abs(db_ref).max())
-    assert db.shape == (24,) and np.abs(np.asarray(db_ref)).max() > 1  # a gradient that can be wrong
-
-
-def test_layer_norm_matches_torch_layer_norm_and_its_gradient():
-    """ops.layer_norm (row means as matrix-vector products on CPU, closed-form backward)
-    equals torch.nn.functional.layer_norm in float64 autograd, value and the gradients
-    of x, scale and bias, to 1e-5 of the largest entry (rows with a large mean, where
-    E[x^2] - mean^2 would lose digits); with a bfloat16 input it equals
-    flax.linen.LayerNorm (use_fast_variance=False, JAX's autodiff) to bf16 rounding."""
-    torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
-    import flax.linen as nn
-    rng = np.random.default_rng(0)
-    b, n, d = 3, 11, 48
-    x = (20 + 3 * rng.normal(size=(b, n, d))).astype(np.float32)
-    scale = (1 + 0.3 * rng.normal(size=d)).astype(np.float32)
-    bias = (0.2 * rng.normal(size=d)).astype(np.float32)
-    g = rng.normal(size=(b, n, d)).astype(np.float32)
-    args = [jnp.asarray(a) for a in (x, scale, bias)]
-    out, vjp = jax.vjp(lambda *a: ops.layer_norm(*a, 1e-6), *args)
-    grads = vjp(jnp.asarray(g))
-    ts = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, scale, bias)]
-    ot = torch.nn.functional.layer_norm(ts[0], (d,), ts[1], ts[2], 1e-6)
-    (ot * torch.tensor(g, dtype=torch.float64)).sum().backward()
-    for got, want in [(out, ot.detach().numpy())] + [(gr, t.grad.numpy()) for gr, t in zip(grads, ts)]:
-        assert got.shape == want.shape and got.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
-    # the module: parameters named as nn.LayerNorm's, output in the compute dtype
-    ref = nn.LayerNorm(epsilon=1e-6, dtype=jnp.bfloat16, param_dtype=jnp.float32, use_fast_variance=False)
-    mod = vit.LayerNorm(1e-6, jnp.bfloat16)
-    x16 = jnp.asarray(x, jnp.bfloat16)
-    params = {"params": {"scale": args[1], "bias": args[2]}}
-    assert jax.tree.map(jnp.shape, mod.init(jax.random.PRNGKey(0), x16)) == jax.tree.map(jnp.shape, params)
-    o_ref, vjp_ref = jax.vjp(lambda p, v: ref.apply(p, v), params, x16)
-    o_new, vjp_new = jax.vjp(lambda p, v: mod.apply(p, v), params, x16)
-    assert o_new.dtype == jnp.bfloat16
-    g16 = jnp.asarray(g, jnp.bfloat16)
-    pairs = [(o_new, o_ref)] + list(zip(jax.tree.leaves(vjp_new(g16)), jax.tree.leaves(vjp_ref(g16))))
-    for got, want in pairs:
-        assert got.dtype == want.dtype
-        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
-    # a bf16 input with float32 compute dtype is normalised and rounded once, in float32
-    ref32 = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False)
-    got32, want32 = vit.LayerNorm(1e-6, jnp.float32).apply(params, x16), ref32.apply(params, x16)
-    assert got32.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got32), np.asarray(want32), rtol=0, atol=1e-5 * np.abs(want32).max())
-
-
-@pytest.mark.parametrize("d_in,d_out", [(24, 96), (96, 24), (32, 32)])
-def test_linear_gradient_equals_jax_rule_and_transposes_the_narrower_operand(d_in, d_out):
-    """ops.linear (nn.Dense's matmul) gives the value and gradients of the plain
-    ``x @ w`` to float32 rounding (float64 numpy as the judge: 1e-5 relative of the
-    largest entry), and its weight gradient contracts the token axis with the narrower
-    of x and g as the left operand, also in the program XLA:CPU compiles for the train
-    step (its matmul library runs a wide right operand ~1.6x faster; XLA would fold
-    the transpose of fc2's (g^T x) back into the dot, swapping the operands)."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(4, 50, d_in)).astype(np.float32)
-    w = rng.normal(size=(d_in, d_out)).astype(np.float32) / np.sqrt(d_in)
-    g = rng.normal(size=(4, 50, d_out)).astype(np.float32)
-    y, vjp = jax.vjp(ops.linear, jnp.asarray(x), jnp.asarray(w))
-    dx, dw = vjp(jnp.asarray(g))
-    x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
-    for got, want in [(y, x64 @ w64), (dx, g64 @ w64.T),
-                      (dw, x64.reshape(-1, d_in).T @ g64.reshape(-1, d_out))]:
-        assert got.shape == want.shape and got.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
-    # the weight-gradient dot in both lowerings (CPU: (batch, token) axes merged first;
-    # other platforms: contracted in place, since on TPU the merge copies the activation)
-    for flatten, lead in [(True, (200,)), (False, (4, 50))]:
-        jaxpr = jax.make_jaxpr(lambda a, c: ops._weight_grad(a, c, flatten))(x, g)
-        dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-        assert len(dots) == 1, jaxpr
-        assert dots[0].invars[0].aval.shape == lead + (min(d_in, d_out),)
-        assert dots[0].params["dimension_numbers"][0] == (tuple(range(len(lead))),) * 2
-        assert any(e.primitive.name == "reshape" for e in jaxpr.jaxpr.eqns) == flatten
-        assert jaxpr.out_avals[0].shape == (d_in, d_out)
-    compiled = jax.jit(lambda a, c: ops._weight_grad(a, c, True),
-                       compiler_options=train.step_compiler_options("cpu")).lower(x, g).compile()
-    dot_shapes = re.findall(r"= f32\[(\d+),(\d+)\]\{1,0\} dot\(", compiled.as_text())
-    assert dot_shapes == [(str(min(d_in, d_out)), str(max(d_in, d_out)))], dot_shapes
-
-
-def test_dense_equals_flax_dense_in_parameters_values_and_gradients():
-    """vit.Dense (the official Linear) keeps nn.Dense's parameter tree and initial values
-    (checkpoints and conversion depend on it) and its value and gradients (1e-6 of the
-    largest entry, float32); on CPU its bias gradient is a product with a ones vector
-    over the flattened cotangent, elsewhere a plain sum."""
-    x = jax.random.normal(jax.random.key(1), (4, 50, 24))
-    ours = vit.Dense(40, True, jnp.float32)
-    flax_dense = nn.Dense(40, param_dtype=jnp.float32, kernel_init=vit.trunc_normal_init(0.02))
-    params, flax_params = ours.init(jax.random.key(0), x), flax_dense.init(jax.random.key(0), x)
-    assert jax.tree.structure(params) == jax.tree.structure(flax_params)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(flax_params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    params = jax.tree.map(lambda t: t + 0.1, params)  # a nonzero bias
-    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
-    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
-    want = jax.jit(jax.grad(loss(flax_dense), argnums=(0, 1)))(params, x)
-    np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=0, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6 * np.abs(b).max())
-    bias_grad = jax.jit(lambda g: jax.vjp(ops.add_bias, g, jnp.zeros(40))[1](g)[1])
-    lowered = bias_grad.lower(jnp.ones((4, 50, 40))).as_text()  # this host: CPU
-    assert "stablehlo.dot_general" in lowered and "stablehlo.reduce" not in lowered, lowered
-
-
 def test_weight_norm_matches_torch_weight_norm_and_its_gradient():
-    """head.weight_norm (column sums as products, hand-written backward) equals torch's own
+    """head.weight_norm (JAX autodiff of the plain formula) equals torch's own
     weight-norm kernel (``torch._weight_norm(v, g, dim=0)`` on torch's (out, in) layout,
     float64 autograd) in value and both gradients, to 1e-6 of the largest entry."""
     torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
@@ -339,69 +207,15 @@ def test_weight_norm_matches_torch_weight_norm_and_its_gradient():
     assert np.abs(s * dw - vt.grad.numpy().T).max() > 0.1 * np.abs(vt.grad.numpy()).max()
 
 
-def _official_attention_core(qkv, num_heads):
-    """The official Attention.forward between qkv and proj, in torch (float64 autograd)."""
-    b, n, c3 = qkv.shape
-    c = c3 // 3
-    t = qkv.reshape(b, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = t[0], t[1], t[2]
-    attn = ((q @ k.transpose(-2, -1)) * (c // num_heads) ** -0.5).softmax(dim=-1)
-    return (attn @ v).transpose(1, 2).reshape(b, n, c)
-
-
-@pytest.mark.parametrize("num_heads,hd", [(3, 32), (2, 64)])
-def test_attention_core_matches_official_and_its_gradient(num_heads, hd):
-    """ops.attention (folded-head layout, hand-written backward) equals the official
-    module's attention in float64 torch autograd, value and gradient, to 1e-5 of the
-    largest entry; in bfloat16 it equals JAX's autodiff of the same casts to bf16
-    rounding (2e-2). hd=32 has a scale that is not a power of two (order matters)."""
-    torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
-    rng = np.random.default_rng(0)
-    b, n, c = 3, 17, num_heads * hd
-    qkv = (2 * rng.normal(size=(b, n, 3 * c))).astype(np.float32)
-    g = rng.normal(size=(b, n, c)).astype(np.float32)
-    out, vjp = jax.vjp(lambda a: ops.attention(a, num_heads), jnp.asarray(qkv))
-    (dqkv,) = vjp(jnp.asarray(g))
-    qt = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
-    ot = _official_attention_core(qt, num_heads)
-    (ot * torch.tensor(g, dtype=torch.float64)).sum().backward()
-    for got, want in [(out, ot.detach().numpy()), (dqkv, qt.grad.numpy())]:
-        assert got.shape == want.shape and got.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
-    # a backward that forgets the softmax's row term (-sum(dp * p)) is far off
-    q, k, v = ops._split_heads(jnp.asarray(qkv), num_heads)
-    p = ops._attention_probs(q, k)
-    go = jnp.asarray(g).reshape(b, n, num_heads, hd).transpose(0, 2, 1, 3)
-    dp = jnp.einsum("bhqd,bhkd->bhqk", go, v)
-    dq_wrong = jnp.einsum("bhqk,bhkd->bhqd", p * dp * hd ** -0.5, k)
-    dq = np.asarray(dqkv).reshape(b, n, 3, num_heads, hd)[:, :, 0].transpose(0, 2, 1, 3)
-    assert np.abs(np.asarray(dq_wrong) - dq).max() > 0.1 * np.abs(dq).max()
-
-    def autodiff_ref(a):  # the module's previous formulation, JAX's own transpose rules
-        t = a.reshape(b, n, 3, num_heads, hd)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", t[:, :, 0], t[:, :, 1]) * hd ** -0.5
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        return jnp.einsum("bhqk,bkhd->bqhd", attn.astype(a.dtype), t[:, :, 2]).reshape(b, n, c)
-
-    x16, g16 = jnp.asarray(qkv, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16)
-    for fn in (autodiff_ref, lambda a: ops.attention(a, num_heads)):
-        o16, vjp16 = jax.vjp(fn, x16)
-        assert o16.dtype == jnp.bfloat16 and vjp16(g16)[0].dtype == jnp.bfloat16
-    o_ref, vjp_ref = jax.vjp(autodiff_ref, x16)
-    o_new, vjp_new = jax.vjp(lambda a: ops.attention(a, num_heads), x16)
-    for got, want in [(o_new, o_ref), (vjp_new(g16)[0], vjp_ref(g16)[0])]:
-        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
-
-
+@pytest.mark.parametrize("platform_ops", FORMS)
 @pytest.mark.parametrize("remat", [False, True])
-def test_cls_feature_computes_only_the_cls_row_of_the_last_block(remat):
+def test_cls_feature_computes_only_the_cls_row_of_the_last_block(remat, platform_ops):
     """__call__ (last block on the CLS row alone) equals get_tokens(x)[:, 0] (all rows)
     in value and parameter gradient, in training with drop path (same per-sample masks)
     and in eval, to float32 rounding (1e-5 of the largest entry per leaf), and its
     lowering has no full-width MLP in the last block (fc1 sees B x 1 rows)."""
     m = vit.VisionTransformer(patch_size=4, embed_dim=48, depth=3, num_heads=3, img_size=16,
-                              drop_path_rate=0.3, remat=remat)
+                              drop_path_rate=0.3, remat=remat, platform_ops=platform_ops)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
     variables = m.init(jax.random.PRNGKey(1), x)
     w = jax.random.normal(jax.random.PRNGKey(2), (4, 48))
@@ -445,7 +259,7 @@ def test_fused_attention_switch_gives_the_official_values_and_gradients():
 
 
 def test_fused_attention_asks_for_cudnn_on_a_gpu_and_falls_back_with_one_warning(monkeypatch, caplog):
-    """jax 0.10's dot_product_attention(implementation=None) is XLA's: ops.fused_attention
+    """jax 0.10's dot_product_attention(implementation=None) is XLA's: platform_ops.fused_attention
     names cuDNN where the backend is a GPU and the inputs are half precision, and falls
     back to XLA's (same values) with one warning per reason where cuDNN refuses at trace
     time (this machine has no cuDNN: the refusal is real)."""
@@ -460,18 +274,18 @@ def test_fused_attention_asks_for_cudnn_on_a_gpu_and_falls_back_with_one_warning
     monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 10, 3, 32)).astype(jnp.bfloat16)
                for i in range(3))
-    on_cpu = ops.fused_attention(q, k, v, 32 ** -0.5)
+    on_cpu = platform_ops.fused_attention(q, k, v, 32 ** -0.5)
     assert calls == ["xla"]
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    ops._CUDNN_REFUSALS.clear()
+    platform_ops._CUDNN_REFUSALS.clear()
     calls.clear()
-    with caplog.at_level(logging.WARNING, logger="dino_jax.models.ops"):
-        on_gpu = [ops.fused_attention(q, k, v, 32 ** -0.5) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="dino_jax.models.platform_ops"):
+        on_gpu = [platform_ops.fused_attention(q, k, v, 32 ** -0.5) for _ in range(2)]
         assert calls == ["cudnn", "xla"] * 2
         warnings = [r.getMessage() for r in caplog.records if "cuDNN" in r.getMessage()]
         assert len(warnings) == 1 and "(2, 10, 3, 32)" in warnings[0], warnings
         calls.clear()
-        ops.fused_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), 0.2)
+        platform_ops.fused_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), 0.2)
         assert calls == ["xla"]  # float32: cuDNN's flash kernel takes half precision only
     for out in on_gpu:
         np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(on_cpu, np.float32))

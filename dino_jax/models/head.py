@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dino_jax.models.ops import column_sums
-from dino_jax.models.vit import dense, torch_default_uniform_init
+from dino_jax.models import platform_ops as ops
+from dino_jax.models.vit import dense, gelu, torch_default_uniform_init
 
 Dtype = Any
 
@@ -29,56 +29,36 @@ def l2_normalize(x, axis=-1, eps=1e-12):
     return x / jnp.maximum(norm, eps)
 
 
-@jax.custom_vjp
 def weight_norm(v, g):
-    """``v * (g / ||v||)`` with the norm over each column (PyTorch ``weight_norm``, dim=0
-    of torch's (out, in) weight), every reduction a :func:`column_sums` product,
-    forward and backward."""
-    return _weight_norm_fwd(v, g)[0]
-
-
-def _weight_norm_fwd(v, g):
-    n2 = column_sums(jnp.square(v))
-    s = g / jnp.sqrt(n2)
-    return v * s, (v, s, n2)
-
-
-def _weight_norm_bwd(res, dw):
-    # w = v g / n: dv = s dw - v s t / n^2 and dg = t / n, with t = sum_i v_i dw_i.
-    v, s, n2 = res
-    t = column_sums(v * dw)
-    return s * dw - v * (s * t / n2), t / jnp.sqrt(n2)
-
-
-weight_norm.defvjp(_weight_norm_fwd, _weight_norm_bwd)
+    """``v * (g / ||v||)`` with the norm over each column: PyTorch's ``weight_norm``
+    (dim=0 of torch's (out, in) weight)."""
+    return v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=0, keepdims=True)))
 
 
 class WeightNormDense(nn.Module):
     """Bias-free Linear with weight normalisation over each output unit."""
     features: int
     dtype: Dtype = jnp.float32
+    platform_ops: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         in_dim = x.shape[-1]
         v = self.param("weight_v", torch_default_uniform_init(in_dim), (in_dim, self.features))
         g = self.param("weight_g", nn.initializers.ones, (1, self.features))
-        w = weight_norm(v, g)
-        # Materialise w: XLA:CPU otherwise fused the norm's reduction into the
-        # (B, K) matmul and recomputed it per tile (7 s of a ViT-S/16 step at K=65536).
-        # XLA:CPU deletes barriers unless its cse_barrier_expander pass is skipped,
-        # as the train step does (train.step_compiler_options).
-        w = jax.lax.optimization_barrier(w)
+        w = ops.select(self.platform_ops, lambda w: w, ops.cpu_materialize)(weight_norm(v, g))
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
 
 
 class DINOHead(nn.Module):
+    """The official DINOHead: MLP (Linear, GELU, ...), L2 normalisation, weight-normalised Linear."""
     out_dim: int = 65536
     norm_last_layer: bool = True
     nlayers: int = 3
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     dtype: Dtype = jnp.float32
+    platform_ops: str = "auto"  # auto | cpu | generic: the form of the operations (platform_ops.select)
 
     @nn.compact
     def __call__(self, x):
@@ -86,10 +66,13 @@ class DINOHead(nn.Module):
         dims = [self.bottleneck_dim] if nlayers == 1 else (
             [self.hidden_dim] * (nlayers - 1) + [self.bottleneck_dim])
         x = x.astype(self.dtype)
+        act = ops.select(self.platform_ops, gelu, ops.cpu_gelu)
         for i, d in enumerate(dims):
-            x = dense(d, f"mlp_{i}", self.dtype, with_gelu=i < len(dims) - 1)(x)
+            x = dense(d, self.dtype, f"mlp_{i}")(x)
+            if i < len(dims) - 1:
+                x = act(x)
         x = l2_normalize(x.astype(jnp.float32))
-        return WeightNormDense(self.out_dim, self.dtype, name="last_layer")(x)
+        return WeightNormDense(self.out_dim, self.dtype, self.platform_ops, name="last_layer")(x)
 
 
 def frozen_weight_g_mask(head_params, norm_last_layer: bool):

@@ -1,14 +1,16 @@
 """Vision Transformer (Flax Linen) computing what the official DINO ViT computes.
 
-Same numerics as the official PyTorch model (pre-norm blocks, LayerNorm eps
-1e-6 with exact variance, qkv bias, erf GELU, final LayerNorm, CLS feature) and
-the same initial distributions. Position embeddings are interpolated for other
-image sizes with a re-statement of PyTorch's ``interpolate(mode="bicubic",
-align_corners=False, scale_factor=...)`` including the official ``+0.1`` offset;
-``jax.image.resize`` would give different numbers (different kernel and scale).
+Pre-norm blocks, LayerNorm eps 1e-6 with exact variance, qkv bias, exact (erf)
+GELU, final LayerNorm, the CLS token as the feature; the official initial
+distributions. Position embeddings are interpolated for other image sizes with a
+re-statement of PyTorch's ``interpolate(mode="bicubic", align_corners=False,
+scale_factor=...)`` including the official ``+0.1`` offset; ``jax.image.resize``
+would give different numbers (different kernel and scale).
 
 Images are NHWC float. Parameters are float32; ``dtype`` sets the compute dtype
 (``jnp.bfloat16`` for mixed precision); softmax and normalisations run in float32.
+``platform_ops`` chooses the form of a few operations (``models/platform_ops.py``):
+the same values, other backward passes on CPU.
 """
 from __future__ import annotations
 
@@ -17,13 +19,13 @@ import functools
 import math
 from typing import Any, Callable
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax.models.ops import (add_bias, attention, bias_gelu, fused_attention, gelu, layer_norm,
-                                 linear, materialize_cotangent)
+from dino_jax.models import platform_ops as ops
 
 Dtype = Any
 
@@ -121,50 +123,37 @@ def interpolate_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int, image_
 
 
 # --------------------------------------------------------------------------
-# Modules (their operations: models/ops.py).
+# Modules.
 # --------------------------------------------------------------------------
-class Dense(nn.Module):
-    """The official Linear as ``nn.Dense`` lays it out (parameters ``kernel`` (in, out) and
-    ``bias``, float32; trunc-normal(0.02) weight, zero bias), computed in ``dtype``
-    through :func:`linear` and :func:`add_bias`, whose backward passes suit XLA:CPU."""
-    features: int
-    use_bias: bool = True
-    dtype: Dtype = jnp.float32
-    with_gelu: bool = False  # the GELU that follows (MLP hidden layers), fused with the bias
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", trunc_normal_init(0.02), (x.shape[-1], self.features),
-                            jnp.float32)
-        y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-            return (bias_gelu if self.with_gelu else add_bias)(y, bias.astype(self.dtype))
-        return gelu(y) if self.with_gelu else y
+def dense(features: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
+    """The official Linear: trunc-normal(0.02) weight, zero bias, float32 parameters."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=trunc_normal_init(0.02), name=name)
 
 
-def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True,
-          with_gelu: bool = False) -> Dense:
-    return Dense(features, use_bias, dtype, with_gelu, name=name)
+def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+    """The official ``nn.LayerNorm(D, eps)``: statistics in float32, exact variance."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
 
 
-class LayerNorm(nn.Module):
-    """The official ``nn.LayerNorm(D, eps)``: float32 ``scale`` (ones) and ``bias``
-    (zeros), the parameters ``nn.LayerNorm`` has (checkpoints are unchanged), computed
-    by :func:`layer_norm`; output in ``dtype``."""
-    eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-        return layer_norm(x, scale, bias, self.eps, jnp.dtype(self.dtype))
+def gelu(x):
+    """Exact (erf) GELU, torch.nn.GELU()'s default."""
+    return nn.gelu(x, approximate=False)
 
 
-def _layer_norm(name: str, eps: float, dtype: Dtype) -> LayerNorm:
-    return LayerNorm(eps, dtype, name=name)
+def dot_product_attention(q, k, v):
+    """softmax(q k^T * hd^-0.5) v over (B, N, H, hd) tensors, the softmax in float32
+    (the official op order: product, scale, softmax). Returns (out, attention)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (q.shape[-1] ** -0.5)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v), attn
+
+
+def attention_core(qkv, num_heads: int):
+    """The official attention between ``qkv`` (B, N, 3C) and ``proj``: (B, N, C)."""
+    q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=num_heads)
+    return einops.rearrange(dot_product_attention(q, k, v)[0], "b n h d -> b n (h d)")
 
 
 class DropPath(nn.Module):
@@ -182,48 +171,52 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention: qkv, softmax(q k^T / sqrt(hd)) v, proj."""
     dim: int
     num_heads: int
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
-    fused: bool = False  # ops.fused_attention (cuDNN flash on GPU in bf16/fp16); off = official op order
+    fused: bool = False  # model.fused_attention: jax.nn.dot_product_attention (a deviation)
+    platform_ops: str = "auto"
 
     @nn.compact
     def __call__(self, x, return_attention: bool = False, cls_only: bool = False):
         """(out, attention or None). ``cls_only``: the CLS token's query alone (keys and
         values from all tokens), out (B, 1, C): the CLS row of the full output."""
-        b, n, c = x.shape
-        hd = c // self.num_heads
-        qkv = dense(3 * c, "qkv", self.dtype, self.qkv_bias)(x)
-        rows = 1 if cls_only else n
+        qkv = dense(3 * self.dim, self.dtype, "qkv", self.qkv_bias)(x)
         attn = None
-        if self.fused and not return_attention:
-            q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, hd), 2, 0)
-            out = fused_attention(q[:, :rows], k, v, hd ** -0.5)
-        elif cls_only or return_attention:  # in the (B, N, H, hd) layout: on TPU the
-            # (B, H, N, hd) permute of this path took vit_s8 --remat v4 12.12 -> 15.29 GiB
-            t = qkv.reshape(b, n, 3, self.num_heads, hd)
-            logits = jnp.einsum("bqhd,bkhd->bhqk", t[:, :rows, 0], t[:, :, 1]) * (hd ** -0.5)
-            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), t[:, :, 2])
+        if self.fused or cls_only or return_attention:
+            q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
+            if cls_only:
+                q = q[:, :1]
+            if self.fused and not return_attention:
+                out = ops.fused_attention(q, k, v, q.shape[-1] ** -0.5)
+            else:
+                out, attn = dot_product_attention(q, k, v)
+            out = einops.rearrange(out, "b n h d -> b n (h d)")
         else:
-            out = attention(qkv, self.num_heads)
-        out = dense(c, "proj", self.dtype)(out.reshape(b, rows, c))
-        return out, (attn if return_attention else None)
+            out = ops.select(self.platform_ops, lambda t: attention_core(t, self.num_heads),
+                             lambda t: ops.cpu_attention(t, self.num_heads))(qkv)
+        out = dense(self.dim, self.dtype, "proj")(out)
+        return out, attn
 
 
 class Mlp(nn.Module):
-    hidden: int
-    dim: int
+    """Transformer MLP / feed-forward block: fc1, GELU, fc2."""
+    hidden_dim: int
     dtype: Dtype = jnp.float32
+    platform_ops: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        x = dense(self.hidden, "fc1", self.dtype, with_gelu=True)(x)
-        return dense(self.dim, "fc2", self.dtype)(x)
+        d = x.shape[-1]
+        x = dense(self.hidden_dim, self.dtype, "fc1")(x)
+        x = ops.select(self.platform_ops, gelu, ops.cpu_gelu)(x)
+        return dense(d, self.dtype, "fc2")(x)
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
     dim: int
     num_heads: int
     mlp_ratio: float = 4.0
@@ -232,22 +225,23 @@ class Block(nn.Module):
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
     fused_attention: bool = False
+    platform_ops: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_attention: bool = False,
                  cls_only: bool = False):
         """``cls_only``: return the CLS token's output alone, (B, 1, D), computing only
         what it depends on (every token's keys and values, the CLS query, MLP)."""
-        x = materialize_cotangent(x)
-        y, attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.dtype,
-                            self.fused_attention, name="attn")(
-            _layer_norm("norm1", self.eps, self.dtype)(x), return_attention, cls_only)
+        x = ops.select(self.platform_ops, lambda x: x, ops.cpu_materialize_cotangent)(x)
+        y, attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.dtype, self.fused_attention,
+                            self.platform_ops, name="attn")(
+            layer_norm(self.eps, self.dtype, "norm1")(x), return_attention, cls_only)
         if cls_only:
             x = x[:, :1]
         drop = DropPath(self.drop_path, name="drop_path")
         x = x + drop(y, train)
-        y = Mlp(int(self.dim * self.mlp_ratio), self.dim, self.dtype, name="mlp")(
-            _layer_norm("norm2", self.eps, self.dtype)(x))
+        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, self.platform_ops, name="mlp")(
+            layer_norm(self.eps, self.dtype, "norm2")(x))
         x = x + drop(y, train)
         return (x, attn) if return_attention else x
 
@@ -267,6 +261,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     fused_attention: bool = False  # deviation switch: cuDNN/XLA fused attention kernel
     remat: bool = False  # rematerialise each block but the last in the backward pass (memory for compute)
+    platform_ops: str = "auto"  # auto | cpu | generic: the form of the operations (platform_ops.select)
 
     def setup(self):
         p = self.patch_size
@@ -282,15 +277,15 @@ class VisionTransformer(nn.Module):
         # Linear drop-path rule over depth, as torch.linspace(0, rate, depth).
         rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
         block_cls = nn.remat(Block, static_argnums=(2, 3, 4)) if self.remat else Block
-        # The last block runs on the CLS row alone in __call__ and is not rematerialised
-        # (under nn.remat the TPU compiler kept more temporaries for it, not fewer).
+        # The last block runs on the CLS row alone in __call__ and is not rematerialised.
         self.blocks = [
             (block_cls if i < self.depth - 1 else Block)(
                 self.embed_dim, self.num_heads, self.mlp_ratio, self.qkv_bias, float(rates[i]),
-                self.layer_norm_eps, self.dtype, self.fused_attention, name=f"blocks_{i}")
+                self.layer_norm_eps, self.dtype, self.fused_attention, self.platform_ops,
+                name=f"blocks_{i}")
             for i in range(self.depth)
         ]
-        self.norm = _layer_norm("norm", self.layer_norm_eps, self.dtype)
+        self.norm = layer_norm(self.layer_norm_eps, self.dtype, "norm")
 
     def prepare_tokens(self, x):
         b, h, w, c = x.shape
@@ -299,7 +294,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
         x = self.patch_embed(x.astype(self.dtype))  # (B, h/p, w/p, D)
         gh, gw = x.shape[1], x.shape[2]
-        x = x.reshape(b, gh * gw, self.embed_dim)
+        x = einops.rearrange(x, "b h w d -> b (h w) d")
         cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, self.embed_dim))
         x = jnp.concatenate([cls, x], axis=1)
         pos = interpolate_pos_embed(self.pos_embed, gh, gw, h, w)
@@ -315,9 +310,8 @@ class VisionTransformer(nn.Module):
     def __call__(self, x, train: bool = False):
         """The CLS feature, ``get_tokens(x, train)[:, 0]``. The last block computes only
         what that row depends on: all tokens' keys and values, but the CLS query's
-        attention row, projection, residual and MLP alone (the other tokens' outputs of
-        the last block are discarded by the official model too). Same operations on the
-        CLS row; on a depth-4 model a fifth of the backbone's work is skipped."""
+        attention row, projection, residual and MLP alone (the official model computes
+        the other rows and discards them)."""
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x, train, False, False)

@@ -1,0 +1,195 @@
+"""Platform-specific forms of the model's operations, and the one place that chooses them.
+
+``config.model.platform_ops`` ("auto" | "cpu" | "generic") reaches every module as
+its ``platform_ops`` field; :func:`select` turns it into the function an operation
+runs. "generic" is the plain formula written in ``models/vit.py`` and
+``models/head.py`` (what a GPU or TPU runs); "cpu" is the form below, which
+computes the same values with a backward pass or an optimisation barrier that suits
+XLA:CPU; "auto" decides when the program is lowered, by the platform it is lowered
+for, so a TPU program compiled ahead of time on a CPU host gets the generic form.
+Every CPU form is tested against its generic form and the official numbers
+(tests/test_models.py, tests/test_train_step.py run both).
+
+Optimisation barriers only survive XLA:CPU where the program is compiled with
+``train.step_compiler_options`` (XLA:CPU otherwise deletes them before fusion).
+
+:func:`fused_attention` is the ``model.fused_attention`` deviation (off by default):
+cuDNN's kernel on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PLATFORM_OPS = ("auto", "cpu", "generic")
+
+
+def select(platform_ops: str, generic: Callable, cpu: Callable) -> Callable:
+    """The form of one operation for ``platform_ops``: ``generic``, ``cpu``, or for
+    "auto" whichever fits the platform the program is lowered for (both take and
+    return arrays; bind other arguments with ``functools.partial`` first)."""
+    if platform_ops == "generic":
+        return generic
+    if platform_ops == "cpu":
+        return cpu
+    if platform_ops == "auto":
+        def chosen(*args):
+            return jax.lax.platform_dependent(*args, cpu=cpu, default=generic)
+        return chosen
+    raise ValueError(f"model.platform_ops must be one of {PLATFORM_OPS}, got {platform_ops!r}")
+
+
+# --------------------------------------------------------------------------
+# CPU forms.
+# --------------------------------------------------------------------------
+@jax.custom_vjp
+def cpu_gelu(x):
+    """Exact GELU, ``x * 0.5 * (1 + erf(x / sqrt(2)))``, with a backward that recomputes
+    the cdf and the density from ``x``. ``nn.gelu(approximate=False)`` evaluates
+    ``erfc`` (two polynomial branches and an exp, selected) and autodiff keeps the exp
+    for the backward; here the forward is one erf polynomial and the backward one
+    fused loop over ``x``."""
+    return x * _normal_cdf(x)
+
+
+def _normal_cdf(x):
+    return 0.5 * (1 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
+
+
+def _gelu_fwd(x):
+    return cpu_gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    pdf = jnp.exp(-0.5 * x * x) * np.asarray(1 / np.sqrt(2 * np.pi), x.dtype)
+    return (g * (_normal_cdf(x) + x * pdf),)
+
+
+cpu_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@jax.custom_vjp
+def cpu_materialize_cotangent(x):
+    """Identity whose gradient is materialised (an optimisation barrier on the cotangent).
+
+    At each block input the residual-stream gradient is a chain of elementwise adds
+    over all later blocks; XLA:CPU fuses (duplicates) that chain into every consumer,
+    recomputing it per block: work quadratic in depth. Materialising it once per
+    block removes that; the values are unchanged (same operations, same order)."""
+    return x
+
+
+def _materialize_fwd(x):
+    return x, None
+
+
+def _materialize_bwd(_, g):
+    return (jax.lax.optimization_barrier(g),)
+
+
+cpu_materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
+def cpu_materialize(x):
+    """``x`` behind an optimisation barrier: computed once and stored. XLA:CPU otherwise
+    fuses the head's weight normalisation into the (B, K) matmul and recomputes the
+    norms in every tile."""
+    return jax.lax.optimization_barrier(x)
+
+
+def _transposed_product(a, b):
+    """``a^T b`` per (batch, head): (B, H, Q, K), (B, H, Q, d) -> (B, H, K, d), with ``a``
+    transposed in memory first (kept so by an optimisation barrier, which stops XLA
+    from folding the transpose back into the product): XLA:CPU's matmul library takes
+    row-major products, a transposed operand goes to a slower generic kernel."""
+    return jnp.einsum("bhkq,bhqd->bhkd", jax.lax.optimization_barrier(jnp.swapaxes(a, 2, 3)), b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def cpu_attention(qkv, num_heads: int):
+    """Multi-head self-attention core: ``qkv`` (B, N, 3C) -> (B, N, C), before ``proj``.
+
+    The official forward (reshape, permute to (3, B, H, N, hd), ``q @ k^T * scale``,
+    float32 softmax, ``@ v``, heads back to channels) with a hand-written backward that
+    stays in the (B, H, N, hd) layout and returns the gradient already in qkv's layout:
+    autodiff re-derives each operand's layout, and XLA:CPU copies the operands into and
+    out of (B, N, H, hd) around every batched product; here there is one copy in and one
+    out. The same products and sums as autodiff."""
+    return _attention_fwd(qkv, num_heads)[0]
+
+
+def _split_heads(qkv, num_heads: int):
+    """(B, N, 3C) -> q, k, v of shape (B, H, N, hd): the official reshape and permute."""
+    b, n, c3 = qkv.shape
+    t = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads)).transpose(2, 0, 3, 1, 4)
+    return t[0], t[1], t[2]
+
+
+def _attention_probs(q, k):
+    """softmax(q k^T * hd^-0.5) in float32, the official op order (product, then scale)."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _attention_fwd(qkv, num_heads: int):
+    b, n, _ = qkv.shape
+    q, k, v = _split_heads(qkv, num_heads)
+    p = _attention_probs(q, k)
+    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v)
+    return o.transpose(0, 2, 1, 3).reshape(b, n, -1), (q, k, v, p)
+
+
+def _attention_bwd(num_heads: int, res, g):
+    q, k, v, p = res
+    b, h, n, hd = q.shape
+    go = g.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
+    pc = p.astype(v.dtype)
+    dv = _transposed_product(pc, go)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", go, v).astype(jnp.float32)
+    # softmax backward, then the cast and the scale of the logits
+    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
+    dk = _transposed_product(ds, q)
+    # (B, N, 3H, hd): each gradient moved to (B, N, H, hd), then joined on the head axis
+    # (XLA:CPU runs three 4-D transposes and a concatenation faster than the 5-D
+    # transpose of their stack).
+    d = jnp.concatenate([t.transpose(0, 2, 1, 3) for t in (dq, dk, dv)], axis=2)
+    return (d.reshape(b, n, 3 * h * hd),)
+
+
+cpu_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# --------------------------------------------------------------------------
+# GPU: the fused-attention deviation.
+# --------------------------------------------------------------------------
+# cuDNN refusals already reported (one warning each per process).
+_CUDNN_REFUSALS: set = set()
+
+
+def fused_attention(q, k, v, scale: float):
+    """``jax.nn.dot_product_attention`` of (B, T, H, hd) ``q`` and (B, S, H, hd) ``k``,
+    ``v``: cuDNN's flash-attention kernel where the default backend is a GPU and the
+    inputs are bfloat16 or float16, XLA's attention otherwise.
+
+    ``implementation=None`` means XLA's, not cuDNN's, so the kernel is asked for by
+    name. Where cuDNN refuses at trace time (no cuDNN, e.g. a ROCm GPU; an unsupported
+    head dim) the call falls back to XLA's with one warning per reason.
+    The ``model.fused_attention`` deviation (off by default): not the official op order."""
+    half = q.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jax.default_backend() == "gpu" and half:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            if reason not in _CUDNN_REFUSALS:
+                _CUDNN_REFUSALS.add(reason)
+                logging.getLogger(__name__).warning(
+                    "fused attention: cuDNN flash attention refused %s %s inputs (%s); "
+                    "using XLA's attention", tuple(q.shape), q.dtype, reason)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")

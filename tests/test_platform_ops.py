@@ -1,0 +1,244 @@
+"""The CPU forms of models/platform_ops.py against the official numbers and their
+generic forms, how ``platform_ops`` chooses them, and what XLA:CPU compiles from them.
+
+This is the one test file that reads compiled XLA:CPU programs (the barriers and
+library fusions of the CPU step, benchmarks/step_matmuls.py's reading of dots): such
+text is the compiler's, and may change with a jaxlib upgrade without any change in
+behaviour. The model's parity tests (tests/test_models.py, tests/test_train_step.py)
+run both forms against the official fixtures.
+"""
+import importlib.util
+import math
+import os
+import platform
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dino_jax import schedules, train
+from dino_jax.config_defaults import base_config
+from dino_jax.models import platform_ops, vit
+from dino_jax.models.head import DINOHead
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                      "step_matmuls.py")
+
+
+def _tiny_model(platform_ops_value):
+    return (vit.VisionTransformer(patch_size=4, embed_dim=48, depth=2, num_heads=3, img_size=16,
+                                  platform_ops=platform_ops_value),
+            DINOHead(out_dim=64, hidden_dim=32, bottleneck_dim=16, platform_ops=platform_ops_value))
+
+
+def _loss_and_grads(platform_ops_value):
+    backbone, head = _tiny_model(platform_ops_value)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    params = {"b": backbone.init(jax.random.key(1), x), "h": head.init(jax.random.key(2), jnp.zeros((1, 48)))}
+
+    def loss(p, x):
+        return jnp.sum(jnp.sin(head.apply(p["h"], backbone.apply(p["b"], x))))
+
+    return jax.value_and_grad(loss), params, x
+
+
+def test_auto_takes_the_cpu_forms_only_in_programs_lowered_for_cpu():
+    """platform_ops='auto' decides by the platform a program is lowered for (so a TPU
+    program compiled ahead of time on this CPU host gets the generic forms, with no
+    optimisation barrier); 'cpu' and 'generic' are the same on every platform; any
+    other value is refused with one line."""
+    texts = {}
+    for value in ("auto", "cpu", "generic"):
+        fn, params, x = _loss_and_grads(value)
+        traced = jax.jit(fn).trace(params, x)
+        texts[value] = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda")}
+    barrier = "stablehlo.optimization_barrier"
+    assert barrier in texts["auto"]["cpu"]
+    assert barrier not in texts["auto"]["tpu"] and barrier not in texts["auto"]["cuda"]
+    assert all(barrier in t for t in texts["cpu"].values())
+    assert not any(barrier in t for t in texts["generic"].values())
+    # the same values from all three on this CPU
+    values = [jax.jit(_loss_and_grads(v)[0])(*_loss_and_grads(v)[1:]) for v in ("auto", "cpu", "generic")]
+    for other in values[1:]:
+        np.testing.assert_allclose(float(other[0]), float(values[0][0]), rtol=1e-6)
+    with pytest.raises(ValueError, match="model.platform_ops must be one of"):
+        _tiny_model("gpu")[0].init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_cpu_gelu_matches_torch_gelu_and_its_gradient():
+    """cpu_gelu (erf form, hand-written backward) equals torch.nn.GELU() forward and
+    backward, and the generic vit.gelu (nn.gelu(approximate=False), JAX's autodiff), to
+    float32 rounding: 2e-6 absolute on x in [-12, 12] (|gelu| <= 12)."""
+    torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
+    x = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(0).normal(0, 3, 4000)]).astype(np.float32)
+    g = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    y, vjp = jax.vjp(platform_ops.cpu_gelu, jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.gelu(xt)
+    yt.backward(torch.tensor(g))
+    np.testing.assert_allclose(np.asarray(y), yt.detach().numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy(), rtol=0, atol=2e-6)
+    y_ref, vjp_ref = jax.vjp(vit.gelu, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(vjp_ref(jnp.asarray(g))[0]), rtol=0, atol=2e-6)
+    # a wrong backward (e.g. the cdf alone, missing x * pdf) is off by up to ~0.17 * |g|
+    cdf_only = g * 0.5 * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
+    assert np.max(np.abs(np.asarray(dx) - cdf_only)) > 0.1
+
+
+def _official_attention_core(qkv, num_heads):
+    """The official Attention.forward between qkv and proj, in torch (float64 autograd)."""
+    b, n, c3 = qkv.shape
+    c = c3 // 3
+    t = qkv.reshape(b, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = t[0], t[1], t[2]
+    attn = ((q @ k.transpose(-2, -1)) * (c // num_heads) ** -0.5).softmax(dim=-1)
+    return (attn @ v).transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("num_heads,hd", [(3, 32), (2, 64)])
+def test_attention_forms_match_official_and_its_gradient(num_heads, hd):
+    """cpu_attention (hand-written backward) and the generic vit.attention_core (JAX's
+    autodiff) each equal the official module's attention in float64 torch autograd,
+    value and gradient, to 1e-5 of the largest entry; in bfloat16 the two agree to bf16
+    rounding (2e-2). hd=32 has a scale that is not a power of two (order matters)."""
+    torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
+    rng = np.random.default_rng(0)
+    b, n, c = 3, 17, num_heads * hd
+    qkv = (2 * rng.normal(size=(b, n, 3 * c))).astype(np.float32)
+    g = rng.normal(size=(b, n, c)).astype(np.float32)
+    qt = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
+    ot = _official_attention_core(qt, num_heads)
+    (ot * torch.tensor(g, dtype=torch.float64)).sum().backward()
+    forms = {"cpu": lambda a: platform_ops.cpu_attention(a, num_heads),
+             "generic": lambda a: vit.attention_core(a, num_heads)}
+    for name, fn in forms.items():
+        out, vjp = jax.vjp(fn, jnp.asarray(qkv))
+        (dqkv,) = vjp(jnp.asarray(g))
+        for got, want in [(out, ot.detach().numpy()), (dqkv, qt.grad.numpy())]:
+            assert got.shape == want.shape and got.dtype == jnp.float32, name
+            np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # a backward that forgets the softmax's row term (-sum(dp * p)) is far off
+    q, k, v = platform_ops._split_heads(jnp.asarray(qkv), num_heads)
+    p = platform_ops._attention_probs(q, k)
+    go = jnp.asarray(g).reshape(b, n, num_heads, hd).transpose(0, 2, 1, 3)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", go, v)
+    dq_wrong = jnp.einsum("bhqk,bhkd->bhqd", p * dp * hd ** -0.5, k)
+    dq = qt.grad.numpy().reshape(b, n, 3, num_heads, hd)[:, :, 0].transpose(0, 2, 1, 3)
+    assert np.abs(np.asarray(dq_wrong) - dq).max() > 0.1 * np.abs(dq).max()
+    x16, g16 = jnp.asarray(qkv, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16)
+    (o_ref, vjp_ref), (o_new, vjp_new) = (jax.vjp(forms[k], x16) for k in ("generic", "cpu"))
+    for got, want in [(o_new, o_ref), (vjp_new(g16)[0], vjp_ref(g16)[0])]:
+        assert got.dtype == want.dtype == jnp.bfloat16
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
+def test_materialize_cotangent_is_the_identity_and_passes_its_gradient():
+    """cpu_materialize_cotangent changes neither the value nor the gradient."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    y, vjp = jax.vjp(platform_ops.cpu_materialize_cotangent, x)
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(g))
+
+
+# --------------------------------------------------------------------------
+# Compiled XLA:CPU programs.
+# --------------------------------------------------------------------------
+def _tiny_step_config(depth):
+    config = base_config()
+    config.update(dict(
+        model=dict(arch="custom", patch_size=4, embed_dim=16, depth=depth, num_heads=2, img_size=16,
+                   drop_path_rate=0.0, out_dim=64, norm_last_layer=True, head_nlayers=2,
+                   head_hidden_dim=32, head_bottleneck_dim=16, dtype="float32", platform_ops="auto"),
+        batch_size=4, epochs=1, total_steps=0, warmup_epochs=0, freeze_last_layer=0,
+        warmup_teacher_temp_epochs=0))
+    return config
+
+
+def test_cpu_step_keeps_its_optimization_barriers():
+    """The barriers that keep the head's weight-norm weights and the residual-stream
+    gradients materialised reach the compiled CPU program (train.step_compiler_options):
+    XLA:CPU's cse_barrier_expander would delete all of them before fusion (then the
+    weight norm is fused into, and recomputed by, every tile of the head matmul).
+    Expected at least one per student block input gradient plus one per head."""
+    depth = 2
+    config = _tiny_step_config(depth)
+    assert train.step_compiler_options("cpu") and train.step_compiler_options("tpu") is None
+    state = train.create_train_state(config)
+    sched = schedules.device_schedules(schedules.build_schedules(config, 1))
+    batch = {"global_crops": jnp.zeros((4, 2, 16, 16, 3)), "local_crops": jnp.zeros((4, 2, 8, 8, 3))}
+    step = jax.jit(train.make_train_step_fn(config), compiler_options=train.step_compiler_options("cpu"))
+    hlo = step.lower(state, batch, sched).compile().as_text()
+    assert hlo.count(" opt-barrier(") >= depth + 2, hlo.count(" opt-barrier(")
+    # On x86-64 YNNPACK gets the reductions only (with what XLA fuses into them): no
+    # YNNPACK fusion is rooted at a matmul (XLA's default builds those for every matmul
+    # and its elementwise neighbours), and plain matmul thunks remain.
+    # (Other hosts, or a jaxlib that rejects the experimental option, get XLA's defaults.)
+    lib = dict(train._cpu_library_options())
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert not lib
+    assert train.step_compiler_options("cpu") == {**train.CPU_STEP_COMPILER_OPTIONS, **lib}
+    if lib:
+        assert lib["xla_cpu_experimental_ynn_fusion_type"] == "LIBRARY_FUSION_TYPE_REDUCE"
+        ynn = re.findall(r'calls=%?([\w.\-]+), .*"kind":"__ynn_fusion"', hlo)
+        assert ynn, "no YNNPACK fusion at all"
+        bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%([\w.\-]+) \(.*?\{\n(.*?)^\}", hlo, re.M | re.S)}
+        roots = [re.search(r"ROOT %\S+ = \S+ ([\w-]+)\(", bodies[c]).group(1) for c in ynn]
+        assert "reduce" in roots and "dot" not in roots, roots
+        assert re.search(r"= f32\[[\d,]+\]\{[\d,]+\} dot\(", hlo)
+
+
+def _load_step_matmuls():
+    spec = importlib.util.spec_from_file_location("step_matmuls", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_step_dots_finds_each_product_with_its_shapes_and_dimension_numbers():
+    """benchmarks/step_matmuls.py reads the products of a compiled XLA:CPU program from
+    its HLO text: shapes and dimension numbers of every dot outside YNNPACK fusions."""
+    mod = _load_step_matmuls()
+    x, w = jnp.ones((40, 24)), jnp.ones((24, 16))
+    a, b = jnp.ones((6, 3, 10, 8)), jnp.ones((6, 3, 8, 5))
+
+    def program(x, w, a, b):
+        y = x @ w                                        # (40, 24) x (24, 16)
+        dw = jax.lax.dot_general(x, y, (((0,), (0,)), ((), ())))  # token-contracting form
+        z = jnp.einsum("bhqd,bhdk->bhqk", a, b)          # batched
+        return y.sum() + dw.sum() + z.sum()
+
+    hlo = jax.jit(program, compiler_options=train.step_compiler_options("cpu")).lower(
+        x, w, a, b).compile().as_text()
+    dots, in_ynn = mod.step_dots(hlo)
+    found = sorted((lhs, rhs, dims["lhs_contracting_dims"], dims["rhs_contracting_dims"],
+                    dims.get("lhs_batch_dims", ())) for lhs, rhs, dims in dots)
+    assert found == sorted([((40, 24), (24, 16), (1,), (0,), ()),
+                            ((40, 24), (40, 16), (0,), (0,), ()),
+                            ((6, 3, 10, 8), (6, 3, 8, 5), (3,), (2,), (0, 1))]), found
+    assert in_ynn == 0
+    # torch.matmul layouts: rows then contracted axis on the left, contracted then cols on the right
+    assert mod.torch_layout((40, 24), (40, 16), {"lhs_contracting_dims": (0,),
+                                                 "rhs_contracting_dims": (0,)}) == ([1, 0], [0, 1])
+    assert mod.torch_layout((6, 3, 10, 8), (6, 3, 8, 5),
+                            {"lhs_contracting_dims": (3,), "rhs_contracting_dims": (2,),
+                             "lhs_batch_dims": (0, 1), "rhs_batch_dims": (0, 1)}) == (
+        [0, 1, 2, 3], [0, 1, 2, 3])
+
+
+def test_products_inside_ynnpack_fusions_are_counted_apart():
+    """x86-64: the attention logits' product is fused with its softmax into a YNNPACK
+    fusion by the step's options; such products are counted, not listed."""
+    mod = _load_step_matmuls()
+    q = jnp.ones((8, 3, 50, 32))  # nano's global-crop attention, 8 crops
+    hlo = jax.jit(platform_ops._attention_probs, compiler_options=train.step_compiler_options("cpu")).lower(
+        q, q).compile().as_text()
+    dots, in_ynn = mod.step_dots(hlo)
+    assert len(dots) + in_ynn == hlo.count(" dot(")
+    if "__ynn_fusion" in hlo:  # jaxlib's YNNPACK fusions (x86-64)
+        assert in_ynn == 1 and dots == []
