@@ -1,7 +1,7 @@
 """How much of the CPU train step is matrix products: each product of the compiled step, timed alone.
 
     python benchmarks/step_matmuls.py --recipe nano                 # one core
-    python benchmarks/step_matmuls.py --recipe nano --threads 2 --torch_python /tmp/tvenv/bin/python
+    python benchmarks/step_matmuls.py --recipe nano --threads 2 --torch_python VENV/bin/python
 
 Compiles the real train step (``train.TrainStep``, the recipes of
 benchmarks/train_step.py), times it (wall and process CPU time per step), then
