@@ -21,7 +21,8 @@ steps of the real training loop (``trainer.train_and_evaluate`` on
 ``data.source = 'synthetic'``: prefetching, metrics fetched every
 ``log_every_steps``; no checkpoint or evaluation inside the timed part: the
 timing runs from the first log step, after compilation, to the last step,
-before the final save) and prints both rates and their ratio. ``--repeats R``
+before the final save) and prints both rates and their ratio, in wall-clock
+images/s and in process CPU time per step. ``--repeats R``
 interleaves R bare/loop pairs and reports medians (a persistent compilation
 cache in a temporary folder keeps the repeats from recompiling).
 FLOPs per image count the recipe as computed (the last block on the CLS row:
@@ -156,10 +157,11 @@ def run_official(a, recipe: str, batch: int) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1])["images_per_second"])
 
 
-def time_loop(config, steps: int) -> float:
-    """Images/s of ``steps`` steps of the training loop on the synthetic source, in a
-    temporary workdir: log_every_steps warm-up steps (compilation) first, no periodic
-    checkpoint or evaluation; timed from the first log step to the last step."""
+def time_loop(config, steps: int) -> tuple[float, float]:
+    """(images/s, process CPU seconds per step) of ``steps`` steps of the training loop
+    on the synthetic source, in a temporary workdir: log_every_steps warm-up steps
+    (compilation) first, no periodic checkpoint or evaluation; timed from the first
+    log step to the last step."""
     cfg = copy.deepcopy(config)
     warm = int(cfg.log_every_steps)
     cfg.data.source, cfg.data.eval_split = "synthetic", ""
@@ -167,12 +169,17 @@ def time_loop(config, steps: int) -> float:
     cfg.checkpoint_every_steps = cfg.total_steps + 1
     cfg.knn_every_epochs = 0
     cfg.knn_random_init = False
+    cpu_at = {}  # process CPU time at each sync point (on_sync runs after its work)
+
+    def on_sync(step, checkpointer):  # noqa: ARG001
+        cpu_at[step] = time.process_time()
+
     workdir = tempfile.mkdtemp(prefix="dino_bench_loop_")
     try:
-        summary = trainer.train_and_evaluate(cfg, workdir, stream=io.StringIO())
+        summary = trainer.train_and_evaluate(cfg, workdir, stream=io.StringIO(), on_sync=on_sync)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return float(summary["images_per_second"])
+    return float(summary["images_per_second"]), (cpu_at[cfg.total_steps] - cpu_at[warm]) / steps
 
 
 def peak_tflops(dtype: str):
@@ -254,17 +261,20 @@ def main():
     for _ in range(2):
         state, m, acc = compiled(state, batch, step.schedule, acc)
     jax.block_until_ready(m)
-    ours, official, loop_ips = [], [], []
+    ours, ours_cpu, official, loop_ips, loop_cpu = [], [], [], [], []
     for _ in range(a.repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(a.steps):
             state, m, acc = compiled(state, batch, step.schedule, acc)
         jax.block_until_ready(m)
         ours.append((time.perf_counter() - t0) / a.steps)
+        ours_cpu.append((time.process_time() - c0) / a.steps)
         if a.official:
             official.append(run_official(a, a.recipe, b))
         if a.loop:
-            loop_ips.append(time_loop(config, a.loop))
+            ips_loop, cpu_loop = time_loop(config, a.loop)
+            loop_ips.append(ips_loop)
+            loop_cpu.append(cpu_loop)
     dt = float(np.median(ours))
     flops_img = recipe_flops_per_image(config, backbone, head)
     ips = b / dt
@@ -297,11 +307,17 @@ def main():
                  ("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")),
                  ("LD_PRELOAD", os.environ.get("LD_PRELOAD", ""))]
     loop = float(np.median(loop_ips)) if loop_ips else None
+    # The same comparison in process CPU time per step (user + sys, every thread): on a
+    # shared machine wall-clock rates move with the other jobs' load, CPU time much less.
+    cpu_ratio = float(np.median(ours_cpu)) / float(np.median(loop_cpu)) if loop_cpu else None
     if loop is not None:
         rows += [("loop images/s (trainer)", f"{loop:.1f}"),
                  ("loop / bare step", f"{loop / ips:.3f}"),
                  ("repeats (median)", f"{a.repeats}: bare {[round(b / x, 1) for x in ours]}, "
-                                      f"loop {[round(x, 1) for x in loop_ips]}")]
+                                      f"loop {[round(x, 1) for x in loop_ips]}"),
+                 ("CPU ms/step bare, loop", f"{[round(1e3 * x, 1) for x in ours_cpu]}, "
+                                            f"{[round(1e3 * x, 1) for x in loop_cpu]}"),
+                 ("loop / bare step (CPU time)", f"{cpu_ratio:.3f}")]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
@@ -312,7 +328,8 @@ def main():
                       "peak_memory_gib": round(peak_bytes / 2 ** 30, 3) if peak_bytes else None,
                       "ratio_vs_official": round(ips / off_ips, 3) if off_ips else None,
                       "loop_images_per_second": round(loop, 2) if loop is not None else None,
-                      "loop_ratio": round(loop / ips, 4) if loop is not None else None}))
+                      "loop_ratio": round(loop / ips, 4) if loop is not None else None,
+                      "loop_ratio_cpu_time": round(cpu_ratio, 4) if cpu_ratio is not None else None}))
     if cache_dir:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
