@@ -85,7 +85,7 @@ def run_dino_jax(args, seed):
     if os.path.exists(workdir):  # a fresh run every time: never resume a half-finished variant
         subprocess.run(["rm", "-rf", workdir], check=True)
     cmd = [sys.executable, "-m", "dino_jax.main", f"--config={args.config}", f"--workdir={workdir}",
-           f"--config.seed={seed}", "--config.knn_random_init=true"]  # the quickstart's baseline too
+           f"--config.seed={seed}", "--config.evals.knn.random_init=true"]  # the quickstart's baseline too
     overrides = [o.replace("{seed}", str(seed)) for o in args.override]
     cmd += [f"--config.{o}" for o in overrides]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

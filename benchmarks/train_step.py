@@ -164,11 +164,11 @@ def time_loop(config, steps: int) -> tuple[float, float]:
     log step to the last step."""
     cfg = copy.deepcopy(config)
     warm = int(cfg.log_every_steps)
-    cfg.data.source, cfg.data.eval_split = "synthetic", ""
+    cfg.data.source = "synthetic"
     cfg.total_steps = warm + steps
     cfg.checkpoint_every_steps = cfg.total_steps + 1
-    cfg.knn_every_epochs = 0
-    cfg.knn_random_init = False
+    for block in cfg.evals.values():
+        block.every_epochs = -1       # no evaluation: the loop alone
     cpu_at = {}  # process CPU time at each sync point (on_sync runs after its work)
 
     def on_sync(step, checkpointer):  # noqa: ARG001

@@ -159,8 +159,8 @@ config = config_module.get_config()
 config.total_steps = TOTAL_STEPS
 config.batch_size = BATCH_SIZE
 config.data.path = FASHION_MNIST_DIR
-config.knn_max_train_examples = KNN_TRAIN_EXAMPLES
-config.knn_max_eval_examples = KNN_TEST_EXAMPLES
+config.evals.knn.max_train_examples = KNN_TRAIN_EXAMPLES
+config.evals.knn.max_eval_examples = KNN_TEST_EXAMPLES
 config.update_from_flattened_dict(CONFIG_OVERRIDES)
 print(f"{config_path}: {config.total_steps} steps of batch {config.batch_size}, ViT {config.model.depth} blocks "
       f"x {config.model.embed_dim} wide, patch {config.model.patch_size}, {config.model.img_size} px")"""),
@@ -230,7 +230,7 @@ top1 = [summary["knn_top1_random"], summary["knn_top1_trained"]]
 fig, ax = plt.subplots(figsize=(5, 3))
 bars = ax.bar(labels, top1, color=["gray", "tab:blue"])
 ax.bar_label(bars, fmt="%.1f%%")
-ax.set_ylabel(f"k-NN top-1 (k={config.knn_k}), %")
+ax.set_ylabel(f"k-NN top-1 (k={config.evals.knn.k}), %")
 ax.set_ylim(0, 100)
 plt.show()
 print(f"trained {top1[1]:.2f}% vs random init {top1[0]:.2f}% ({top1[1] - top1[0]:+.2f} points)")"""),

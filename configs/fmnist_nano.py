@@ -44,8 +44,6 @@ def get_config():
     c.data.source = "fashion_mnist"
     c.data.path = "/usr/share/datasets/fashion-mnist"
     c.data.train_split = "train[:12800]"
-    c.data.eval_split = "test"
-    c.data.knn_train_split = "train"
     c.data.global_crop_size = 28
     c.data.local_crop_size = 12
     c.data.num_local_crops = 6
@@ -74,11 +72,13 @@ def get_config():
     c.log_every_steps = 50
     c.checkpoint_every_steps = 100000  # only the final checkpoint
     c.keep_checkpoints = 1
-    c.knn_every_epochs = 0
-    c.knn_k = 20
-    c.knn_temperature = 0.07
-    c.knn_max_train_examples = 0      # the whole 60k bank
-    c.knn_max_eval_examples = 0       # all 10k test images
-    c.knn_batch_size = 1000
-    c.knn_random_init = True          # the random-init teacher's k-NN: the baseline of the gain
+    c.evals.knn.every_epochs = 0      # k-NN at the end only
+    c.evals.knn.train_split = "train"
+    c.evals.knn.eval_split = "test"
+    c.evals.knn.k = 20
+    c.evals.knn.temperature = 0.07
+    c.evals.knn.max_train_examples = 0  # the whole 60k bank
+    c.evals.knn.max_eval_examples = 0   # all 10k test images
+    c.evals.knn.batch_size = 1000
+    c.evals.knn.random_init = True    # the random-init teacher's k-NN: the baseline of the gain
     return c

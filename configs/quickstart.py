@@ -35,8 +35,6 @@ def get_config():
     c.data.source = "fashion_mnist"
     c.data.path = "/usr/share/datasets/fashion-mnist"
     c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.knn_train_split = "train"
     c.data.global_crop_size = 28
     c.data.local_crop_size = 12
     c.data.num_local_crops = 4
@@ -62,9 +60,11 @@ def get_config():
     c.log_every_steps = 20
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
-    c.knn_every_epochs = 0            # k-NN at the end only
-    c.knn_max_train_examples = 10000  # bank subset: the whole eval stays under a minute
-    c.knn_max_eval_examples = 2000
-    c.knn_batch_size = 500
-    c.knn_random_init = True          # the baseline the README compares with: same model at random init
+    c.evals.knn.every_epochs = 0      # k-NN at the end only
+    c.evals.knn.train_split = "train"
+    c.evals.knn.eval_split = "test"
+    c.evals.knn.max_train_examples = 10000  # bank subset: the whole eval stays under a minute
+    c.evals.knn.max_eval_examples = 2000
+    c.evals.knn.batch_size = 500
+    c.evals.knn.random_init = True    # the baseline the README compares with: same model at random init
     return c

@@ -38,6 +38,5 @@ def get_config():
     c.data.num_local_crops = 10
     c.data.source = "tfds"
     c.data.tfds_name = "imagenet2012"
-    c.data.eval_split = "validation"
-    c.knn_every_epochs = 10
+    c.evals.knn.every_epochs = 10     # k-NN on ImageNet validation every 10 epochs and at the end
     return c

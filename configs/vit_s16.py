@@ -23,5 +23,5 @@ def get_config():
     c.model.dtype = "auto"            # bfloat16 on GPU/TPU, float32 on CPU
     c.data.source = "tfds"
     c.data.tfds_name = "imagenet2012"
-    c.data.eval_split = "validation"
+    c.evals.knn.every_epochs = 0      # k-NN on ImageNet validation at the end of training
     return c

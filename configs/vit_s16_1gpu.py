@@ -8,7 +8,7 @@ Sized for: one GPU of 40 GB or more with bfloat16 ('auto'): global batch 128
 per 16-32 GB V100 in fp16, not measured here; on 16-24 GB use
 --config.batch_size=64 (and --config.model.remat=True if needed), on 80 GB try
 256. Own images: --config.data.source=image_folder --config.data.path=DIR_OR_LIST.txt
-(no labels needed; set --config.data.eval_split= then).
+(no labels needed; set --config.evals.knn.every_epochs=-1 then).
 
 What changes from configs/vit_s16.py (global batch 512), following main_dino.py:
   * batch 128: the learning rate follows the linear scaling rule by itself

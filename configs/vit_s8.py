@@ -34,6 +34,5 @@ def get_config():
     c.data.num_local_crops = 10       # paper: 2x224 + 10x96 for the released models
     c.data.source = "tfds"
     c.data.tfds_name = "imagenet2012"
-    c.data.eval_split = "validation"
-    c.knn_every_epochs = 10
+    c.evals.knn.every_epochs = 10     # k-NN on ImageNet validation every 10 epochs and at the end
     return c

@@ -20,6 +20,49 @@ def sibling_config(this_file: str, name: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+# Fields that moved under ``evals``: a config or command line naming the old field is
+# refused with one line naming the new one (see :func:`check_renamed`).
+RENAMED = {
+    "knn_every_epochs": "evals.knn.every_epochs", "knn_k": "evals.knn.k",
+    "knn_temperature": "evals.knn.temperature", "knn_max_train_examples": "evals.knn.max_train_examples",
+    "knn_max_eval_examples": "evals.knn.max_eval_examples", "knn_batch_size": "evals.knn.batch_size",
+    "knn_random_init": "evals.knn.random_init", "data.knn_train_split": "evals.knn.train_split",
+    "data.eval_split": "evals.knn.eval_split", "retrieval": "evals.retrieval",
+    "copy_detection": "evals.copy_detection", "video_segmentation": "evals.video_segmentation",
+}
+
+
+def renamed_message(old: str) -> str:
+    """The one line that refuses the old field ``old`` (a key of :data:`RENAMED`)."""
+    extra = " (k-NN off: evals.knn.every_epochs=-1)" if old == "data.eval_split" else ""
+    return f"config field {old!r} is now {RENAMED[old]!r}{extra}"
+
+
+def check_renamed(config=None, argv=()) -> None:
+    """ValueError naming the new field when ``config`` holds, or ``argv`` overrides
+    (``--config.<old>=...``), a field that moved under ``evals``; also when ``evals`` is
+    not the block of evaluator settings (an old tuple of names)."""
+    for arg in argv:
+        if arg.startswith("--config."):
+            name = arg[len("--config."):].split("=", 1)[0]
+            for old in RENAMED:
+                if name == old or name.startswith(old + "."):
+                    raise ValueError(renamed_message(old))
+            if name == "evals":
+                raise ValueError("config.evals is a block per evaluator now: set "
+                                 "--config.evals.<knn|linear|...>.every_epochs (-1 off)")
+    if config is None:
+        return
+    for old in RENAMED:
+        head, _, leaf = old.rpartition(".")
+        node = config[head] if head and head in config else (config if not head else None)
+        if node is not None and leaf in node:
+            raise ValueError(renamed_message(old))
+    if "evals" in config and not hasattr(config.evals, "items"):
+        raise ValueError("config.evals is a block per evaluator now (evals.knn, evals.linear, ...), each "
+                         "with every_epochs (-1 off), not a list of names")
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
@@ -93,8 +136,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tfds_name = "imagenet2012" # TFDS dataset, prepared offline in tfds_data_dir
     c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # None: ~/tensorflow_datasets
     c.data.train_split = "train"      # pre-training split; slices such as "train[:10000]" work
-    c.data.eval_split = ""            # split for periodic k-NN ('' = none), e.g. 'validation'
-    c.data.knn_train_split = "train"  # k-NN feature bank split
     c.data.global_crop_size = 224     # official: RandomResizedCrop(224) for the 2 global views
     c.data.local_crop_size = 96       # official: RandomResizedCrop(96) for the local views
     c.data.global_crops_scale = (0.4, 1.0)   # official default; 0.14-1 without multi-crop
@@ -132,38 +173,53 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000   # async Orbax save
     c.keep_checkpoints = 3            # keep the last K ...
     c.keep_every_steps = 0            # ... plus every step multiple of this (0: none), official saveckp_freq
-    c.knn_every_epochs = 0            # periodic k-NN of the teacher when data.eval_split is set (0: end only)
-    c.knn_k = 20                      # neighbours of the reported k-NN (official eval_knn also reports 10/100/200)
-    c.knn_temperature = 0.07          # vote weight exp(similarity / T), official
-    c.knn_max_train_examples = 0      # cap the k-NN bank (0 = whole split): keeps periodic eval cheap
-    c.knn_max_eval_examples = 0       # cap the evaluated images (0 = whole split)
-    c.knn_batch_size = 256            # global batch of the k-NN feature extraction
-    c.knn_random_init = False         # also k-NN the teacher the run started from (random init, or the
-                                      # init_from weights) at the end: the baseline the quickstart shows;
-                                      # one more full evaluation
-    # ---------------- periodic evaluation of the teacher (dino_jax/eval/periodic.py) ----------------
-    # Evaluators run every N epochs (and at the end), their numbers logged like the training metrics:
-    # 'knn' (needs data.eval_split; knn_* fields, every knn_every_epochs), 'retrieval',
-    # 'copy_detection', 'video_segmentation' (settings in the blocks of those names below).
-    c.evals = ("knn",)                # evaluators run during and after training (see above)
-    c.retrieval = ml_collections.ConfigDict(dict(
-        every_epochs=0,               # 0: at the end of training only
+    # ---------------- evaluation of the teacher (dino_jax/eval/base.py) ----------------
+    # One block per evaluator. Each block's every_epochs says when it runs: -1 off, 0 at the
+    # end of training only, N > 0 every N epochs and at the end. The same blocks drive the
+    # periodic evaluation, the final one and the python -m dino_jax.eval.* programs.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.knn = ml_collections.ConfigDict(dict(
+        every_epochs=-1,              # -1 off; 0 end only; N every N epochs (recipes: 0 or 10)
+        train_split="train",          # feature bank split
+        eval_split="validation",      # split classified (ImageNet's validation set)
+        k=20,                         # neighbours of the reported k-NN (official eval_knn also reports 10/100/200)
+        temperature=0.07,             # vote weight exp(similarity / T), official
+        max_train_examples=0,         # cap the bank (0 = whole split): keeps periodic eval cheap
+        max_eval_examples=0,          # cap the evaluated images (0 = whole split)
+        batch_size=256,               # global batch of the feature extraction
+        random_init=False,            # also k-NN the teacher the run started from (random init, or the
+                                      # init_from weights) at the end: the baseline the quickstart shows
+    ))
+    c.evals.linear = ml_collections.ConfigDict(dict(
+        every_epochs=-1,              # -1 off; 0 end only; N every N epochs
+        train_split="train",          # split the classifier is trained on
+        eval_split="validation",      # split it is scored on
+        n_last_blocks=4,              # CLS tokens of the last blocks, concatenated (official: 4 ViT-S, 1 ViT-B)
+        avgpool=False,                # add the mean patch token (official: True for ViT-B, with 1 block)
+        epochs=100,                   # official eval_linear default
+        batch_size=1024,              # global batch (official 128 per GPU x 8)
+        lr=0.001,                     # for batch 256, scaled by batch_size / 256 (official)
+        weight_decay=0.0,             # official default
+        max_eval_examples=0,          # cap the scored images (0 = whole split)
+    ))
+    c.evals.retrieval = ml_collections.ConfigDict(dict(
+        every_epochs=-1,              # -1 off; 0 end only; N every N epochs
         data_path="",                 # folder holding roxford5k/ and rparis6k/ (jpg/ + gnd_*.pkl)
         dataset="roxford5k",          # roxford5k | rparis6k
         imsize=224,                   # official: images shrunk (aspect kept) to fit imsize x imsize
         multiscale=False,             # official option: mean of the features at scales 1, 1/sqrt2, 1/2
     ))
-    c.copy_detection = ml_collections.ConfigDict(dict(
-        every_epochs=0,               # 0: at the end of training only
+    c.evals.copy_detection = ml_collections.ConfigDict(dict(
+        every_epochs=-1,              # -1 off; 0 end only; N every N epochs
         data_path="",                 # Copydays: original/ and strong/ (+ optional distractor folder)
         whitening_path="",            # folder of images the PCA whitening is learned on (official: 20k YFCC)
         distractors_path="",          # optional database distractors (official: 10k YFCC)
         imsize=320,                   # official: resize to imsize x imsize (aspect not kept)
     ))
-    c.video_segmentation = ml_collections.ConfigDict(dict(
-        every_epochs=0,               # 0: at the end of training only
+    c.evals.video_segmentation = ml_collections.ConfigDict(dict(
+        every_epochs=-1,              # -1 off; 0 end only; N every N epochs
         data_path="",                 # DAVIS-2017 root (JPEGImages/480p, Annotations/480p, ImageSets/2017)
-        output_dir="",                # where the propagated masks are written ('' = WORKDIR-less temp dir)
+        output_dir="",                # where the propagated masks are written ('' = a temporary folder)
         n_last_frames=7, size_mask_neighborhood=12, topk=5,   # official defaults
         max_videos=0,                 # 0: every video of val.txt; >0 keeps periodic runs short
     ))

@@ -28,7 +28,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dino_jax import checkpoint, trainer  # noqa: E402
+from dino_jax import checkpoint, config_defaults, trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -64,4 +64,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    try:  # an evaluation field that moved (--config.knn_k=...): one line, before absl's flag parsing
+        config_defaults.check_renamed(None, sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     app.run(main)

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dino_jax import checkpoint, schedules, sharding, train, warm_start
+from dino_jax import checkpoint, paths, schedules, sharding, train, warm_start
 from dino_jax.data import synthetic
 from dino_jax.eval import periodic
 from dino_jax.metrics_log import TrainLogger, format_duration
@@ -148,8 +148,9 @@ def train_iterator(config, mesh, start_step: int, data_state: dict | None):
     """(iterator, to_device): the on-device synthetic batches (no TensorFlow), or
     tf.data batches of an image source, put on the devices by ``to_device``."""
     if config.data.source == "synthetic":
-        if config.data.eval_split:
-            raise TrainingError("data.source 'synthetic' has no labels for k-NN: set --config.data.eval_split=")
+        if periodic.knn_enabled(config):
+            raise TrainingError("data.source 'synthetic' has no labels for k-NN: set "
+                                "--config.evals.knn.every_epochs=-1")
         it = synthetic.SyntheticIterator(config.data, int(config.batch_size), int(config.seed), mesh,
                                          start_step=start_step, state=data_state)
         return it, lambda batch: batch
@@ -158,8 +159,9 @@ def train_iterator(config, mesh, start_step: int, data_state: dict | None):
 
     it = pipeline.create_train_iterator(config.data, int(config.batch_size), int(config.seed),
                                         start_step=start_step, state=data_state)
-    if config.data.eval_split and "knn" in config.evals:  # needs labels: say so now, not after training
-        pipeline.check_knn_labels(config.data, it.source)
+    if periodic.knn_enabled(config):  # needs labels: say so now, not after training
+        knn = config.evals.knn
+        pipeline.check_knn_labels(config.data, it.source, (knn.train_split, knn.eval_split))
     return it, lambda batch: sharding.shard_host_batch(batch, mesh)
 
 
@@ -174,15 +176,15 @@ def model_configs(config, backbone, head) -> tuple[dict, dict]:
 
 
 def _initial_state(config, workdir, mesh, ckpt, latest, models, optimizer, model_cfg, head_cfg):
-    """(state, message or None, the starting teacher backbone for ``knn_random_init`` or None).
+    """(state, message or None, the starting teacher backbone for ``evals.knn.random_init`` or None).
 
     A fresh run starts from the model init, or from ``init_from``'s weights; a run
     with a checkpoint resumes it and reloads ``init_from`` only for the
-    ``knn_random_init`` baseline (the teacher the run started from).
+    ``evals.knn.random_init`` baseline (the teacher the run started from).
     """
     state = train.create_train_state(config, jax.random.PRNGKey(int(config.seed)), mesh=mesh,
                                      models=models, optimizer=optimizer)
-    want_start = bool(config.knn_random_init and config.data.eval_split)
+    want_start = periodic.wants_baseline(config)
     start, msg = state, None
     if config.init_from and (latest is None or want_start):
         try:
@@ -190,7 +192,7 @@ def _initial_state(config, workdir, mesh, ckpt, latest, models, optimizer, model
         except warm_start.WarmStartError as e:
             if latest is None:
                 raise
-            start, msg = None, f"knn_random_init: no baseline ({e})"  # resume wins anyway
+            start, msg = None, f"evals.knn.random_init: no baseline ({e})"  # resume wins anyway
     start_teacher = (jax.tree.map(np.asarray, start.teacher["backbone"])
                      if want_start and start is not None else None)
     if latest is None:
@@ -207,31 +209,20 @@ def _initial_state(config, workdir, mesh, ckpt, latest, models, optimizer, model
 # --------------------------------------------------------------------------
 # Evaluation.
 # --------------------------------------------------------------------------
-def evaluate(config, evaluators, backbone, params, mesh, logger, step: int, epochs_done: int | None,
+def evaluate(config, evaluators, backbone, params, logger, step: int, epochs_done: int | None,
              start_params=None) -> dict:
     """The evaluations of the teacher backbone ``params`` due after ``epochs_done``
     epochs, logged at ``step``; their numbers. ``epochs_done=None`` is the end of
     training: every evaluator, and k-NN also of ``start_params`` (the teacher the
     run started from) when given."""
     if epochs_done is not None:
-        out = periodic.run_due(evaluators, backbone, params, mesh, epochs_done, logger.print)
+        out = periodic.run_due(evaluators, backbone, params, epochs_done, logger.print)
         logger.scalars(step, out, "eval")
         return out
-    out = {}
-    if config.data.eval_split and "knn" in config.evals:
-        start = "init_from" if config.init_from else "random init"
-        for label, who, p in (("trained", "the trained teacher", params),
-                              ("random", f"the starting teacher ({start})", start_params)):
-            if p is None:
-                continue
-            t0 = time.time()
-            res = periodic.KnnEvaluator(config)(backbone, p, mesh)
-            logger.print(f"k-NN: top-1 {res['knn_top1']:.2f}% top-5 {res['knn_top5']:.2f}% "
-                         f"({time.time() - t0:.0f}s)")
-            logger.print(f"k-NN (k={config.knn_k}) top-1 of {who}: {res['knn_top1']:.2f}%")
-            out[f"knn_top1_{label}"], out[f"knn_top5_{label}"] = res["knn_top1"], res["knn_top5"]
-        logger.scalars(step, out, "knn")
-    out.update(periodic.run_due(evaluators, backbone, params, mesh, None, logger.print, exclude=("knn",)))
+    out = periodic.run_final(evaluators, backbone, params, start_params,
+                             "init_from" if config.init_from else "random init", logger.print)
+    logger.scalars(step, {k: v for k, v in out.items() if k.startswith("knn_")}, "knn")
+    logger.scalars(step, {k: v for k, v in out.items() if not k.startswith("knn_")}, "eval")
     return out
 
 
@@ -251,7 +242,7 @@ def train_and_evaluate(config, workdir: str, stream=None,
     """
     t_start = time.time()
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)  # local or gs:// (one line for a missing or forbidden bucket)
     mesh = sharding.make_mesh(int(config.num_fsdp))
     sharding.check_batch_size(int(config.batch_size), mesh)
     batch_size = int(config.batch_size)
@@ -279,7 +270,7 @@ def train_and_evaluate(config, workdir: str, stream=None,
         train_step = train.TrainStep(config, sched, mesh=mesh, models=models, optimizer=optimizer,
                                      state_sharding=jax.tree.map(lambda x: x.sharding, state),
                                      halt_on_nonfinite=bool(config.stop_on_nonfinite))
-        evaluators = periodic.build(config)
+        evaluators = periodic.build(config, mesh)
 
         logger = TrainLogger(workdir, total_steps, steps_per_epoch, batch_size, is_main, stream=stream)
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.student))
@@ -300,6 +291,7 @@ def train_and_evaluate(config, workdir: str, stream=None,
             meta = {"model_config": model_cfg, "head_config": head_cfg, "data": data_states[step],
                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                     "config": json.loads(config.to_json_best_effort())}
+            logger.flush()  # gs://: the logs so far land with the checkpoint (metrics_log doc)
             return ckpt.save(int(step), checkpoint.state_to_tree(state), meta)
 
         log_every, ckpt_every = int(config.log_every_steps), int(config.checkpoint_every_steps)
@@ -339,7 +331,7 @@ def train_and_evaluate(config, workdir: str, stream=None,
                 epoch = (step - 1) // steps_per_epoch
                 extra = {}
                 if step != total_steps:  # the end of training evaluates below
-                    extra = evaluate(config, evaluators, backbone, state.teacher["backbone"], mesh, logger,
+                    extra = evaluate(config, evaluators, backbone, state.teacher["backbone"], logger,
                                      step, epoch + 1)
                 stats = logger.end_epoch(epoch, extra)
                 logger.print(f"epoch {epoch} done: " + ", ".join(
@@ -371,7 +363,7 @@ def train_and_evaluate(config, workdir: str, stream=None,
         summary["stopped"] = stopped
     else:
         logger.print(f"training done in {format_duration(train_seconds)}")
-        summary.update(evaluate(config, evaluators, backbone, state.teacher["backbone"], mesh, logger, step,
+        summary.update(evaluate(config, evaluators, backbone, state.teacher["backbone"], logger, step,
                                 None, start_teacher))
     logger.close()
     return summary

@@ -42,13 +42,48 @@ def test_every_default_has_a_comment_and_configs_add_no_fields():
     uncommented = [f for f, rhs in fields if "#" not in rhs and "ConfigDict(" not in rhs]
     assert not uncommented, uncommented
     base = flat_keys(base_config())
-    assert {"adam_b1", "adam_b2", "adam_eps", "knn_random_init", "init_from"} <= base
+    assert {"adam_b1", "adam_b2", "adam_eps", "evals.knn.random_init", "init_from"} <= base
     # stop_on_nonfinite is read by the loop (False: skip non-finite steps instead of stopping).
-    assert "config.stop_on_nonfinite" in open(os.path.join(REPO, "dino_jax", "main.py")).read()
+    loop = [os.path.join(REPO, "dino_jax", f) for f in ("main.py", "trainer.py")]
+    assert any("config.stop_on_nonfinite" in open(p).read() for p in loop if os.path.exists(p))
     assert len(CONFIGS) >= 7
     for path in CONFIGS:
         extra = flat_keys(load(path).get_config()) - base
         assert not extra, (path, extra)
+
+
+def test_old_evaluation_fields_are_refused_with_the_new_name():
+    """The flat knn_* fields and the top-level evaluation blocks moved under ``evals``: a
+    config or a command line naming an old one gets one line naming the new one."""
+    from dino_jax.config_defaults import RENAMED, check_renamed
+
+    base = flat_keys(base_config())
+    for old, new in RENAMED.items():
+        assert old not in base and any(k == new or k.startswith(new + ".") for k in base), (old, new)
+    check_renamed(base_config(), ["--config.evals.knn.k=10", "--config.batch_size=8"])
+    with pytest.raises(ValueError, match=r"^config field 'knn_k' is now 'evals.knn.k'$"):
+        check_renamed(None, ["--config.knn_k=10"])
+    with pytest.raises(ValueError, match=r"^config field 'retrieval' is now 'evals.retrieval'$"):
+        check_renamed(None, ["--config.retrieval.imsize=512"])
+    c = base_config()
+    c.data.knn_train_split = "train"
+    with pytest.raises(ValueError, match=r"^config field 'data.knn_train_split' is now 'evals.knn.train_split'$"):
+        check_renamed(c)
+    with pytest.raises(ValueError, match="block per evaluator"):
+        check_renamed(None, ["--config.evals=knn,retrieval"])
+    for path in CONFIGS:
+        check_renamed(load(path).get_config())
+
+
+def test_training_program_refuses_an_old_field_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "dino_jax.main", "--config=configs/quickstart.py",
+                        f"--workdir={tmp_path}", "--config.knn_random_init=true"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and not os.listdir(tmp_path)
+    assert r.stderr.strip() == "error: config field 'knn_random_init' is now 'evals.knn.random_init'"
 
 
 def test_code_reads_config_fields_directly():
@@ -73,14 +108,14 @@ def test_recipe_docstrings_give_command_device_and_official_result(path):
     assert f"python -m dino_jax.main --config=configs/{name}.py --workdir=" in doc.replace("\\\n", "")
     c = mod.get_config()
     if name in ("quickstart", "fmnist_nano"):   # CPU recipes compared with a baseline / the official code
-        assert c.model.dtype == "float32" and c.knn_random_init  # the exact reference + its baseline
+        assert c.model.dtype == "float32" and c.evals.knn.random_init  # the exact reference + its baseline
         if name == "quickstart":
             return
     assert "Sized for" in doc and "Official result" in doc
     for number in OFFICIAL.get(name, ()):
         assert number in doc, (name, number)
     if name != "fmnist_nano":
-        assert c.model.dtype == "auto" and not c.knn_random_init
+        assert c.model.dtype == "auto" and not c.evals.knn.random_init
 
 
 def test_dtype_auto_follows_the_backend(monkeypatch):

@@ -313,8 +313,8 @@ def test_unlabeled_folders_and_image_lists(tmp_path):
         b = next(it)
         assert b["global_crops"].shape == (2, 2, 16, 16, 3) and np.isfinite(b["global_crops"]).all()
         with pytest.raises(DataError, match="k-NN evaluation .* needs labels") as e:
-            pipeline.check_knn_labels(data_cfg(source="image_folder", path=str(path), train_split="photos",
-                                               knn_train_split="photos", eval_split="photos"), src)
+            pipeline.check_knn_labels(data_cfg(source="image_folder", path=str(path), train_split="photos"),
+                                      src, ("photos", "photos"))
         assert "\n" not in str(e.value)
 
     lst = tmp_path / "list.txt"
@@ -330,8 +330,7 @@ def test_unlabeled_folders_and_image_lists(tmp_path):
         make_source(cfg, "train")
     # Class folders keep their labels, and the k-NN check passes.
     _write_folder(tmp_path / "labeled" / "train", corrupt=False)
-    cfg = data_cfg(source="image_folder", path=str(tmp_path / "labeled"), knn_train_split="train",
-                   eval_split="train")
+    cfg = data_cfg(source="image_folder", path=str(tmp_path / "labeled"))
     src = make_source(cfg, "train")
     assert src.num_classes == 2 and sorted(set(np.asarray(src.labels).tolist())) == [0, 1]
-    pipeline.check_knn_labels(cfg, src)
+    pipeline.check_knn_labels(cfg, src, ("train", "train"))

@@ -291,12 +291,12 @@ def test_video_segmentation_layout_errors(tmp_path, capsys):
 # Periodic evaluation during training, and export --step.
 # --------------------------------------------------------------------------
 def test_training_runs_config_evals_each_epoch_and_export_step(tmp_path, capsys):
-    """2 epochs of 2 steps with ``config.evals=('knn',)`` every epoch: the k-NN numbers of
+    """2 epochs of 2 steps with ``config.evals.knn`` every epoch: the k-NN numbers of
     epoch 0 land in log.txt and the progress stream; ``export --step 2`` writes that
     checkpoint's teacher backbone (the state key is 'teacher')."""
     import importlib.util
 
-    from dino_jax import export, main
+    from dino_jax import export, trainer
 
     spec = importlib.util.spec_from_file_location("quickstart", os.path.join(REPO, "configs", "quickstart.py"))
     qs = importlib.util.module_from_spec(spec)
@@ -304,14 +304,14 @@ def test_training_runs_config_evals_each_epoch_and_export_step(tmp_path, capsys)
     c = qs.get_config()
     c.model.update(dict(patch_size=7, embed_dim=16, depth=1, num_heads=2, out_dim=64, head_hidden_dim=32,
                         head_bottleneck_dim=16, drop_path_rate=0.0))
-    c.data.update(dict(num_local_crops=2, local_crop_size=14, shuffle_buffer=64, train_split="train[:16]",
-                       eval_split="test[:16]"))
+    c.data.update(dict(num_local_crops=2, local_crop_size=14, shuffle_buffer=64, train_split="train[:16]"))
     c.update(dict(batch_size=8, total_steps=4, checkpoint_every_steps=2, log_every_steps=1, freeze_last_layer=0,
-                  warmup_epochs=0.0, knn_every_epochs=1, knn_max_train_examples=16, knn_batch_size=8, knn_k=3,
-                  evals=("knn",)))
+                  warmup_epochs=0.0))
+    c.evals.knn.update(dict(every_epochs=1, eval_split="test[:16]", max_train_examples=16, batch_size=8, k=3,
+                            random_init=False))
     workdir = str(tmp_path / "run")
     stream = io.StringIO()
-    summary = main.train_and_evaluate(c, workdir, stream=stream)
+    summary = trainer.train_and_evaluate(c, workdir, stream=stream)
     with open(os.path.join(workdir, "log.txt")) as f:
         lines = [json.loads(x) for x in f]
     assert lines[0]["epoch"] == 0 and 0 <= lines[0]["knn_top1"] <= 100 and lines[0]["knn_top5"] >= lines[0]["knn_top1"]
@@ -339,26 +339,122 @@ def test_training_runs_config_evals_each_epoch_and_export_step(tmp_path, capsys)
 
 @pytest.mark.parametrize("name", cases("eval_suite"))
 def test_periodic_evaluators_from_config(name):
-    """config.evals builds the evaluators; each runs when due and returns named numbers
-    (here retrieval on the fixture set: the official mAP); k-NN without an eval split is
-    left out; an unknown name is one clear error."""
+    """config.evals builds the evaluators of the blocks turned on; each runs when due and
+    returns named numbers (here retrieval on the fixture set: the official mAP); an old
+    flat field or an unknown block is one clear error."""
     from dino_jax import config_defaults
     from dino_jax.eval import periodic
 
     meta, arrays = load(name, "eval_suite")
     model, params = _model(meta, arrays)
     c = config_defaults.base_config()
-    c.data.eval_split = ""
-    c.evals = ("knn", "retrieval")
-    c.retrieval.update(dict(data_path=_data(meta), dataset=meta["retrieval"]["dataset"],
-                            imsize=meta["retrieval"]["imsize"], every_epochs=2))
+    c.evals.retrieval.update(dict(data_path=_data(meta), dataset=meta["retrieval"]["dataset"],
+                                  imsize=meta["retrieval"]["imsize"], every_epochs=2))
     evaluators = periodic.build(c)
-    assert [e.name for e in evaluators] == ["retrieval"]
-    assert periodic.run_due(evaluators, model, params, None, epochs_done=1) == {}
-    res = periodic.run_due(evaluators, model, params, None, epochs_done=2)
+    assert list(evaluators) == ["retrieval"]  # k-NN and the rest are off (-1) by default
+    assert periodic.run_due(evaluators, model, params, epochs_done=1) == {}
+    res = periodic.run_due(evaluators, model, params, epochs_done=2)
     assert res["roxford5k_map_medium"] == pytest.approx(100 * arrays["retrieval/single/medium/map"], abs=1e-9)
     assert res["roxford5k_map_hard"] == pytest.approx(100 * arrays["retrieval/single/hard/map"], abs=1e-9)
     assert all(isinstance(v, float) for v in res.values())
-    c.evals = ("knn", "linear_probe")
+    assert periodic.run_due(evaluators, model, params, epochs_done=None) == res  # the end of training
+    c.evals.retrieval.every_epochs = -1
+    assert periodic.build(c) == {}
+    c.evals.linear_probe = dict(every_epochs=1)
     with pytest.raises(periodic.EvalError, match="unknown evaluator 'linear_probe'"):
         periodic.build(c)
+    c = config_defaults.base_config()
+    c.knn_k = 10
+    with pytest.raises(ValueError, match="^config field 'knn_k' is now 'evals.knn.k'$"):
+        periodic.build(c)
+
+
+_TWO_PROCESS_CHILD = r"""
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np
+from dino_jax import config_defaults, sharding
+from dino_jax.eval import base, periodic
+from dino_jax.models import vit
+
+ran = []
+run = base.FunctionEvaluator.run
+base.FunctionEvaluator.run = lambda self, b, p: ran.append(self.name) or run(self, b, p)
+cfg = json.loads(sys.argv[3])
+model = vit.VisionTransformer(**cfg["model"])
+params = {}
+with np.load(cfg["params"]) as d:
+    for k in d.files:
+        node = params
+        *head, leaf = k.split("/")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[leaf] = d[k]
+mesh = sharding.make_mesh(1)
+params = jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding.replicated(mesh), np.asarray(x)),
+                      params)
+c = config_defaults.base_config()
+c.data.update(cfg["data"])
+c.evals.knn.update(cfg["knn"])
+c.evals.retrieval.update(cfg["retrieval"])
+evaluators = periodic.build(c, mesh)
+res = periodic.run_due(evaluators, model, params, epochs_done=1)
+print("RESULT " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "ran": ran,
+                              "res": res}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", cases("eval_suite"))
+def test_two_processes_run_one_periodic_evaluation(name, tmp_path):
+    """Two CPU processes (one device each, one global mesh) run one periodic evaluation:
+    k-NN splits its images between them and both get the numbers of a single-process
+    k-NN of the same images; retrieval runs on process 0 alone (the other waits and
+    receives its numbers, the official mAP), so nothing is computed or written twice."""
+    import socket
+    import subprocess
+    import sys
+
+    from dino_jax import config_defaults, sharding
+    from dino_jax.eval import knn
+
+    fmnist = "/usr/share/datasets/fashion-mnist"
+    meta, arrays = load(name, "eval_suite")
+    model, params = _model(meta, arrays)
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            walk(v, f"{prefix}{k}/") if hasattr(v, "items") else flat.__setitem__(prefix + k, np.asarray(v))
+    walk(params, "")
+    np.savez(tmp_path / "params.npz", **flat)
+    cfg = {"model": dict(patch_size=meta["patch_size"], embed_dim=meta["embed_dim"], depth=meta["depth"],
+                         num_heads=meta["num_heads"], mlp_ratio=meta["mlp_ratio"], img_size=meta["img_size"]),
+           "params": str(tmp_path / "params.npz"),
+           "data": dict(source="fashion_mnist", path=fmnist, eval_image_size=4 * meta["patch_size"],
+                        eval_resize_ratio=1.0),
+           "knn": dict(every_epochs=1, train_split="train[:48]", eval_split="test[:24]", k=5, batch_size=8),
+           "retrieval": dict(every_epochs=1, data_path=_data(meta), dataset=meta["retrieval"]["dataset"],
+                             imsize=meta["retrieval"]["imsize"])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_CHILD, f"127.0.0.1:{port}", str(i),
+                               json.dumps(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    got = [json.loads(next(ln for ln in o.splitlines() if ln.startswith("RESULT "))[7:]) for o in outs]
+    assert [g["process"] for g in got] == [0, 1] and got[0]["devices"] == 2
+    assert got[0]["ran"] == ["retrieval"] and got[1]["ran"] == []       # retrieval on process 0 alone
+    assert got[0]["res"] == got[1]["res"]
+    res = got[0]["res"]
+    assert res["roxford5k_map_medium"] == pytest.approx(100 * arrays["retrieval/single/medium/map"], abs=1e-9)
+    c = config_defaults.base_config()
+    c.data.update(cfg["data"])
+    c.evals.knn.update(cfg["knn"])
+    one = knn.KnnEvaluator(c.evals.knn, c.data, mesh=sharding.make_mesh(1)).run(model, params)
+    assert res["knn_top1"] == pytest.approx(one["knn_top1"], abs=1e-9)
+    assert res["knn_top5"] == pytest.approx(one["knn_top5"], abs=1e-9)

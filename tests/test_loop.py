@@ -39,7 +39,7 @@ def _config(**overrides):
     m.arch, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.img_size = "custom", 4, 16, 1, 2, 16
     m.drop_path_rate, m.out_dim, m.head_hidden_dim, m.head_bottleneck_dim = 0.1, 32, 24, 8
     d = c.data
-    d.source, d.synthetic_num_examples, d.eval_split = "synthetic", 8 * 100, ""
+    d.source, d.synthetic_num_examples = "synthetic", 8 * 100
     d.global_crop_size, d.local_crop_size, d.num_local_crops = 16, 8, 2
     c.batch_size, c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 8, 12, 4, 1000
     c.warmup_epochs, c.freeze_last_layer, c.lr = 0.0, 0, 0.002

@@ -35,7 +35,7 @@ TINY = [
     "--config.data.num_local_crops=2", "--config.data.local_crop_size=14",
     "--config.data.shuffle_buffer=256",
     "--config.batch_size=8", "--config.total_steps=6", "--config.checkpoint_every_steps=2",
-    "--config.keep_checkpoints=10", "--config.log_every_steps=1", "--config.data.eval_split=",
+    "--config.keep_checkpoints=10", "--config.log_every_steps=1", "--config.evals.knn.every_epochs=-1",
     "--config.freeze_last_layer=0", "--config.warmup_epochs=0.0", "--config.lr=0.002",
 ]
 

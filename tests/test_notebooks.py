@@ -32,7 +32,7 @@ QUICKSTART_TINY = {
     "model.patch_size": 7, "model.embed_dim": 16, "model.depth": 1, "model.num_heads": 2,
     "model.out_dim": 64, "model.head_hidden_dim": 32, "model.head_bottleneck_dim": 16,
     "data.num_local_crops": 2, "data.local_crop_size": 14, "data.shuffle_buffer": 256,
-    "log_every_steps": 2, "checkpoint_every_steps": 100, "knn_batch_size": 100,
+    "log_every_steps": 2, "checkpoint_every_steps": 100, "evals.knn.batch_size": 100,
     "warmup_epochs": 0.0, "freeze_last_layer": 0,
 }
 TINY_VIT = {"arch": "custom", "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}

@@ -164,26 +164,27 @@ def test_training_starts_from_init_from_and_resume_wins_over_it(nets, tmp_path, 
     """A real run (3 steps) warm-started from an official full checkpoint: the first log
     lines say so. Its latest checkpoint (step 3) is then damaged; the rerun (to step 2)
     names it in its first line, sets it aside, and resumes the run's own step 2, not
-    ``init_from``. Both runs' ``knn_random_init`` baseline is the loaded teacher (the
+    ``init_from``. Both runs' ``evals.knn.random_init`` baseline is the loaded teacher (the
     weights the run started from), not the discarded fresh initialisation."""
-    from dino_jax.eval import periodic  # noqa: PLC0415
+    from dino_jax.eval import knn  # noqa: PLC0415
 
     evaluated = []  # the backbone params every end-of-run k-NN was given
-    knn_call = periodic.KnnEvaluator.__call__
+    knn_run = knn.KnnEvaluator.run
 
-    def recording_knn(self, backbone, params, mesh, *args, **kwargs):
+    def recording_knn(self, backbone, params):
         evaluated.append(np_tree(params))
-        return knn_call(self, backbone, params, mesh, *args, **kwargs)
+        return knn_run(self, backbone, params)
 
-    monkeypatch.setattr(periodic.KnnEvaluator, "__call__", recording_knn)
+    monkeypatch.setattr(knn.KnnEvaluator, "run", recording_knn)
 
     _, student, teacher, center = nets
     config = tiny_config()
     config.update(dict(
         total_steps=3, checkpoint_every_steps=1, keep_checkpoints=10, log_every_steps=1,
         freeze_last_layer=0, warmup_epochs=0.0, lr=0.002,
-        knn_random_init=True, knn_max_train_examples=64, knn_max_eval_examples=32, knn_batch_size=32,
-        data=dict(source="fashion_mnist", path=FMNIST, train_split="train[:64]", eval_split="test",
+        evals=dict(knn=dict(every_epochs=0, eval_split="test", random_init=True, max_train_examples=64,
+                            max_eval_examples=32, batch_size=32)),
+        data=dict(source="fashion_mnist", path=FMNIST, train_split="train[:64]",
                   eval_image_size=16, eval_resize_ratio=1.0,
                   global_crop_size=16, local_crop_size=8, num_local_crops=2, blur_sigma=(0.1, 0.3))))
     pth = str(tmp_path / "checkpoint.pth")
@@ -232,7 +233,7 @@ def test_training_starts_from_init_from_and_resume_wins_over_it(nets, tmp_path, 
     out = io.StringIO()
     summary = trainer.train_and_evaluate(config, workdir, stream=out)
     assert summary["step"] == 2 and "knn_top1_random" not in summary and len(evaluated) == 5
-    assert any(line.startswith(f"knn_random_init: no baseline (init_from {pth} does not exist)")
+    assert any(line.startswith(f"evals.knn.random_init: no baseline (init_from {pth} does not exist)")
                for line in out.getvalue().splitlines())
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2", "3.unreadable-OUT_OF_RANGE"]
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "3.unreadable-OUT_OF_RANGE", "state"))

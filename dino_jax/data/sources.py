@@ -231,10 +231,10 @@ def _resolve_folder_split(root: str, split: str):
                     f"unlabeled images go in {root}/{split}/ (any depth) or in a .txt list as data.path")
 
 
-def check_knn_labels(data_cfg, train_source: Source) -> None:
-    """At start-up, before training: the k-NN bank and evaluated splits have labels
-    (``train_source``, already built, stands for the bank when it is the training split)."""
-    for split in (str(data_cfg.knn_train_split), str(data_cfg.eval_split)):
+def check_knn_labels(data_cfg, train_source: Source, splits) -> None:
+    """At start-up, before training: the k-NN bank and evaluated ``splits`` have labels
+    (``train_source``, already built, stands for a split that is the training split)."""
+    for split in map(str, splits):
         src = train_source if split == str(data_cfg.train_split) else make_source(data_cfg, split)
         require_labels(src, f"k-NN evaluation (split {split!r})")
 
@@ -244,7 +244,7 @@ def require_labels(source: Source, what: str) -> None:
     if source.num_classes == 0:
         raise DataError(f"{what} needs labels, and {source.name} has none: give it a split with class "
                         f"sub-folders (root/<split>/<class>/<image>) or turn it off "
-                        f"(--config.data.eval_split=)")
+                        f"(k-NN: --config.evals.knn.every_epochs=-1)")
 
 
 class TfdsSource(Source):

@@ -1,113 +1,89 @@
-"""Evaluators run during training, named by ``config.evals`` (big_vision style: one
-protocol for periodic and offline evaluation).
+"""The evaluators of a training run, built from ``config.evals`` (big_vision style: the
+protocol of :mod:`dino_jax.eval.base`, shared with the ``python -m dino_jax.eval.*``
+programs).
 
-Each evaluator is built from the training config, knows how often it runs
-(``every_epochs``; 0: only at the end of training) and is called with the
-backbone module and the teacher's backbone params; it returns a flat dict of
-named floats, which ``dino_jax.main`` logs like the training metrics (the
-per-epoch ``log.txt`` line, TensorBoard under ``eval/``, the progress stream).
+    evaluators = periodic.build(config, mesh, progress)         # the blocks turned on
+    numbers = periodic.run_due(evaluators, backbone, params, epochs_done, progress)
+    summary = periodic.run_final(evaluators, backbone, params, baseline_params, ...)
 
-    evaluators = periodic.build(config)
-    numbers = periodic.run_due(evaluators, backbone, params, mesh, epochs_done, print)
+``config.evals`` has one block per evaluator, each with ``every_epochs`` (-1 off, 0 at the
+end of training only, N every N epochs and at the end) and its settings:
 
-Names and the config fields they read:
+  knn                 weighted k-NN (``train_split`` bank, ``eval_split`` classified, ``k`` ...)
+  linear              the linear probe (``train_split``, ``eval_split``, ``epochs`` ...)
+  retrieval           revisited Oxford/Paris mAP
+  copy_detection      Copydays mAP
+  video_segmentation  DAVIS-2017 J&F by label propagation
 
-  knn                 weighted k-NN on ``data.eval_split`` (bank ``data.knn_train_split``),
-                      ``knn_*`` fields, every ``knn_every_epochs``; skipped when
-                      ``data.eval_split`` is empty
-  retrieval           revisited Oxford/Paris mAP, ``config.retrieval.*``
-  copy_detection      Copydays mAP, ``config.copy_detection.*``
-  video_segmentation  DAVIS-2017 J&F by label propagation, ``config.video_segmentation.*``
+The numbers are logged like the training metrics (the per-epoch ``log.txt`` line,
+TensorBoard under ``eval/``, the progress stream).
 """
 from __future__ import annotations
 
-import time
+from dino_jax.config_defaults import check_renamed
+from dino_jax.eval import base, copy_detection, knn, linear, retrieval, video_segmentation
+from dino_jax.eval.common import EvalError  # noqa: F401  (callers catch it from here)
 
-from dino_jax.eval.common import EvalError
-
-
-class KnnEvaluator:
-    """The official weighted k-NN of the teacher's CLS features."""
-    name = "knn"
-
-    def __init__(self, config):
-        self.config = config
-        self.every_epochs = int(config.knn_every_epochs)
-
-    def __call__(self, backbone, params, mesh=None, progress=None) -> dict:
-        from dino_jax.eval import knn  # noqa: PLC0415
-
-        c = self.config
-        res = knn.knn_evaluate(
-            backbone, params, c.data, train_split=c.data.knn_train_split, eval_split=c.data.eval_split,
-            k=int(c.knn_k), temperature=float(c.knn_temperature), batch_size=int(c.knn_batch_size), mesh=mesh,
-            max_train_examples=int(c.knn_max_train_examples) or None,
-            max_eval_examples=int(c.knn_max_eval_examples) or None)
-        return {"knn_top1": float(res["knn_top1"]), "knn_top5": float(res["knn_top5"])}
+# Evaluators that are one function of (backbone, params, **settings).
+FUNCTIONS = {"retrieval": retrieval.evaluate, "copy_detection": copy_detection.evaluate,
+             "video_segmentation": video_segmentation.evaluate}
+NAMES = ("knn", "linear", *FUNCTIONS)
 
 
-class _SettingsEvaluator:
-    """An evaluator whose settings are the sub-config ``config.<name>`` (``every_epochs``
-    plus the keyword arguments of its module's ``evaluate``)."""
-    name = ""
-    module = ""
-
-    def __init__(self, config):
-        if self.name not in config:
-            raise EvalError(f"config.evals names {self.name!r} but the config has no {self.name!r} block")
-        settings = dict(config[self.name])
-        self.every_epochs = int(settings.pop("every_epochs"))
-        self.settings = settings
-
-    def __call__(self, backbone, params, mesh=None, progress=None) -> dict:  # noqa: ARG002
-        import importlib  # noqa: PLC0415
-
-        mod = importlib.import_module(f"dino_jax.eval.{self.module}")
-        return mod.evaluate(backbone, params, progress=progress, **self.settings)
+def knn_enabled(config) -> bool:
+    """Whether the run evaluates k-NN (then its splits need labels, checked at start-up)."""
+    return int(config.evals.knn.every_epochs) >= 0
 
 
-class RetrievalEvaluator(_SettingsEvaluator):
-    name = module = "retrieval"
+def wants_baseline(config) -> bool:
+    """Whether the end of training also k-NNs the teacher the run started from."""
+    return knn_enabled(config) and bool(config.evals.knn.random_init)
 
 
-class CopyDetectionEvaluator(_SettingsEvaluator):
-    name = module = "copy_detection"
-
-
-class VideoSegmentationEvaluator(_SettingsEvaluator):
-    name = module = "video_segmentation"
-
-
-EVALUATORS = {e.name: e for e in (KnnEvaluator, RetrievalEvaluator, CopyDetectionEvaluator,
-                                  VideoSegmentationEvaluator)}
-
-
-def build(config) -> list:
-    """The evaluators ``config.evals`` names (k-NN only when ``data.eval_split`` is set)."""
-    out = []
-    for name in config.evals:
-        if name not in EVALUATORS:
-            raise EvalError(f"unknown evaluator {name!r} in config.evals; known: {', '.join(EVALUATORS)}")
-        if name == "knn" and not config.data.eval_split:
+def build(config, mesh=None, progress=None) -> dict:
+    """{name: evaluator} for every ``config.evals`` block turned on (``every_epochs >= 0``);
+    an old flat field (``knn_k`` ...) or an unknown block is one clear error."""
+    check_renamed(config)
+    unknown = [n for n in config.evals if n not in NAMES]
+    if unknown:
+        raise EvalError(f"unknown evaluator {unknown[0]!r} in config.evals; known: {', '.join(NAMES)}")
+    out = {}
+    for name in NAMES:
+        if name not in config.evals or int(config.evals[name].every_epochs) < 0:
             continue
-        out.append(EVALUATORS[name](config))
+        settings = config.evals[name]
+        if name == "knn":
+            out[name] = knn.KnnEvaluator(settings, config.data, mesh=mesh, progress=progress)
+        elif name == "linear":
+            out[name] = linear.LinearEvaluator(settings, config.data, mesh=mesh, progress=progress,
+                                               seed=int(config.seed))
+        else:
+            kwargs = {k: v for k, v in settings.items() if k != "every_epochs"}
+            out[name] = base.FunctionEvaluator(name, FUNCTIONS[name], kwargs, int(settings.every_epochs),
+                                               progress)
     return out
 
 
-def run_due(evaluators, backbone, params, mesh, epochs_done: int | None, progress=None,
-            exclude=()) -> dict:
-    """Run the evaluators due after ``epochs_done`` epochs (``None``: the end of training,
-    every evaluator); returns their numbers merged into one flat dict."""
-    out = {}
-    for ev in evaluators:
-        if ev.name in exclude:
-            continue
-        if epochs_done is not None and (ev.every_epochs <= 0 or epochs_done % ev.every_epochs):
-            continue
-        t0 = time.time()
-        res = ev(backbone, params, mesh=mesh, progress=progress)
+run_due = base.run_due
+
+
+def run_final(evaluators: dict, backbone, params, baseline_params=None, baseline_name: str = "random init",
+              progress=None) -> dict:
+    """Every evaluator at the end of training. k-NN's numbers are named
+    ``knn_top1_trained``/``knn_top5_trained``, and with ``baseline_params`` (the teacher the
+    run started from) ``knn_top1_random``/``knn_top5_random``: the gain the quickstart shows."""
+    out = base.run_due(evaluators, backbone, params, None, progress)
+    if "knn" not in evaluators:
+        return out
+    k = evaluators["knn"].settings["k"]
+    for m in ("top1", "top5"):
+        out[f"knn_{m}_trained"] = out.pop(f"knn_{m}")
+    if progress:
+        progress(f"k-NN (k={k}) top-1 of the trained teacher: {out['knn_top1_trained']:.2f}%")
+    if baseline_params is not None:
+        res0 = base.run_due({"knn": evaluators["knn"]}, backbone, baseline_params, None, progress)
+        out["knn_top1_random"], out["knn_top5_random"] = res0["knn_top1"], res0["knn_top5"]
         if progress:
-            progress(f"{ev.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items())
-                     + f" ({time.time() - t0:.0f}s)")
-        out.update(res)
+            progress(f"k-NN (k={k}) top-1 of the starting teacher ({baseline_name}): "
+                     f"{out['knn_top1_random']:.2f}%")
     return out
