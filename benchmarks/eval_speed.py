@@ -50,7 +50,7 @@ SIZES = {
     "retrieval_db": (50, 8), "retrieval_q": (5, 2),
     "copy_originals": (50, 6), "copy_strong": (75, 8), "copy_distractors": (100, 16), "copy_whitening": (100, 8),
     "extract_images": (1000, 48),
-    "linear_train": (2000, 100), "linear_val": (500, 40), "linear_epochs": (3, 1),
+    "linear_train": (2000, 256), "linear_val": (500, 40), "linear_epochs": (3, 1),
 }
 
 
@@ -392,7 +392,7 @@ def main():
             res = {"ours": [], "official": []}
             for r in range(a.rounds):
                 shutil.rmtree(out, ignore_errors=True)
-                os.makedirs(out)
+                os.makedirs(os.path.join(out, "linear_official"))  # eval_linear.py writes its log there
                 o = run(ours_cmd, env_for(a, False), os.path.join(work, f"{name}_ours.log"))
                 f = run(off_cmd, env_for(a, True), os.path.join(work, f"{name}_official.log"))
                 res["ours"].append(o)

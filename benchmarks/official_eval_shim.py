@@ -8,8 +8,9 @@ for the DAVIS script); it does not import dino_jax.
 The official scripts assume one or more GPUs and the network. What changes
 around them (their code is imported from ``--official_dir``, never copied):
 
-- ``.cuda()`` of tensors and modules returns the object itself,
-  ``torch.cuda.synchronize`` and ``set_device`` do nothing;
+- ``.cuda()`` of tensors and modules returns the object itself, a tensor made
+  with ``device='cuda'`` is made on the CPU, ``torch.cuda.synchronize`` and
+  ``set_device`` do nothing;
 - the distributed set-up is a one-process gloo group (``RANK=0``,
   ``WORLD_SIZE=1``), and ``DistributedDataParallel`` runs without device ids;
 - the DAVIS script reads its colour palette from a URL: the same 256-entry PASCAL
@@ -71,6 +72,12 @@ def install(official_dir: str) -> None:
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.nn.Module.cuda = lambda self, *a, **k: self
     torch.cuda.synchronize = lambda *a, **k: None
+    make_tensor = torch.tensor
+
+    def tensor(*a, device=None, **k):
+        return make_tensor(*a, device=None if str(device).startswith("cuda") else device, **k)
+
+    torch.tensor = tensor
     torch.cuda.set_device = lambda *a, **k: None
     Image.ANTIALIAS = Image.LANCZOS
     if not hasattr(np, "in1d"):

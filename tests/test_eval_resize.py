@@ -84,3 +84,18 @@ def test_retrieval_multiscale_rescale_matches_pytorch_at_512():
         # The interpolation weights are float32 (PyTorch's come from its own float32 source
         # coordinates): up to ~2e-4 on values of unit scale.
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-3)
+
+
+def test_davis_kth_largest_equals_top_k():
+    """DAVIS's per-target k-th largest affinity (k passes of max-and-remove) equals
+    ``top_k``'s k-th value, duplicates and zeros included, at the real 480p shape."""
+    import jax
+
+    rng = np.random.default_rng(4)
+    a = rng.random((1560, 8 * 1560)).astype(np.float32)
+    a[rng.random(a.shape) < 0.9] = 0.0        # masked-out neighbours and empty queue slots
+    a[3, :7] = 0.5                             # ties at the top
+    a[5, :] = 0.0                              # a target with no source left
+    for k in (1, 5, 20):
+        got = np.asarray(jax.jit(video_segmentation.kth_largest, static_argnums=1)(a, k))
+        np.testing.assert_array_equal(got, np.asarray(jax.lax.top_k(a, k)[0][:, -1]))

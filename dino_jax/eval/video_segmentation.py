@@ -197,6 +197,20 @@ def make_feature_fn(model):
     return fn
 
 
+def kth_largest(x, k: int):
+    """The k-th largest value of each row of ``x`` (what ``top_k(x, k)[0][:, -1]`` gives,
+    duplicates counted), by k passes that each take out one row maximum: O(k n) where
+    XLA's CPU top-k sorts each row."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    cols = jnp.arange(x.shape[1])[None]
+    m = jnp.max(x, axis=1)
+    for _ in range(k - 1):  # k is small (official 5): unrolled, XLA fuses each pass
+        x = jnp.where(cols == jnp.argmax(x, axis=1)[:, None], -jnp.inf, x)
+        m = jnp.max(x, axis=1)
+    return m
+
+
 def _propagate_impl(feat_tar, feat_src, segs, valid, mask, topk: int):
     """Official label_propagation: feat_tar (hw, D), feat_src (n, hw, D), segs (n, C, hw),
     valid (n,) 1 for a source frame and 0 for an empty slot of the padded queue, mask
@@ -207,17 +221,17 @@ def _propagate_impl(feat_tar, feat_src, segs, valid, mask, topk: int):
     import jax.numpy as jnp  # noqa: PLC0415
 
     t, s = l2_normalize(feat_tar), l2_normalize(feat_src)
-    aff = jnp.exp(jnp.einsum("qd,nkd->nqk", t, s, precision=jax.lax.Precision.HIGHEST) / 0.1)  # (n, q, k)
-    aff = aff * valid[:, None, None]
+    aff = jnp.exp(jnp.einsum("qd,nkd->qnk", t, s, precision=jax.lax.Precision.HIGHEST) / 0.1)  # (q, n, k)
+    aff = aff * valid[None, :, None]
     if mask is not None:
-        aff = aff * mask[None]
-    aff = jnp.transpose(aff, (0, 2, 1)).reshape(-1, t.shape[0])                      # (n*k, q)
-    kth = jax.lax.top_k(aff.T, topk)[0][:, -1]                                         # (q,)
-    aff = jnp.where(aff < kth[None], 0.0, aff)
-    aff = aff / jnp.sum(aff, axis=0, keepdims=True)
+        aff = aff * mask[:, None, :]
+    aff = aff.reshape(t.shape[0], -1)                                                   # (q, n*k)
+    kth = kth_largest(aff, topk)                                                        # (q,)
+    aff = jnp.where(aff < kth[:, None], 0.0, aff)
+    aff = aff / jnp.sum(aff, axis=1, keepdims=True)
     n, c, hw = segs.shape
     flat = jnp.transpose(segs, (1, 0, 2)).reshape(c, n * hw)                           # (C, n*hw)
-    return jnp.dot(flat, aff, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("cs,qs->cq", flat, aff, precision=jax.lax.Precision.HIGHEST)
 
 
 def upsample_labels(seg: np.ndarray, factor: int) -> np.ndarray:
