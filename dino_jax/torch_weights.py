@@ -166,13 +166,10 @@ def detect_backbone_config(sd: Mapping[str, np.ndarray], num_heads: int | None =
 _DINOV2_MARKERS = ("mask_token", "register_tokens", "blocks.0.ls1.gamma", "blocks.0.mlp.w12.weight")
 
 
-def swiglu_hidden(embed_dim: int, mlp_ratio: float) -> int:
-    """Hidden width of DINOv2's fused SwiGLU FFN: 2/3 of the MLP's, rounded up to 8."""
-    return (int(int(embed_dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
-
-
 def _swiglu_ratio(embed_dim: int, hidden: int) -> float:
     """The mlp_ratio that gives a SwiGLU hidden width (4.0, the hub's, when it fits)."""
+    from dino_jax.models.vit import swiglu_hidden  # noqa: PLC0415
+
     for ratio in (4.0, hidden * 1.5 / embed_dim):
         if swiglu_hidden(embed_dim, ratio) == hidden:
             return ratio
@@ -291,6 +288,8 @@ def _expected_shapes(model_cfg, head_cfg):
             s[t + "attn.qkv.bias"] = (3 * d,)
         s[t + "attn.proj.weight"], s[t + "attn.proj.bias"] = (d, d), (d,)
         if model_cfg.get("ffn", "mlp") == "swiglu":
+            from dino_jax.models.vit import swiglu_hidden  # noqa: PLC0415
+
             sh = swiglu_hidden(d, model_cfg["mlp_ratio"])
             s[t + "mlp.w12.weight"], s[t + "mlp.w12.bias"] = (2 * sh, d), (2 * sh,)
             s[t + "mlp.w3.weight"], s[t + "mlp.w3.bias"] = (d, sh), (d,)

@@ -81,7 +81,10 @@ def build_models(config) -> tuple[vit.VisionTransformer, DINOHead]:
     """(backbone, head) from ``config.model``. The backbone carries the student's
     drop-path rate; the teacher runs the same module with ``train=False``."""
     m = config.model
-    fields = ("arch", "patch_size", "img_size", "fused_attention", "remat", "platform_ops")
+    fields = ("arch", "patch_size", "img_size", "fused_attention", "remat", "platform_ops",
+              # DINOv2 backbones (DINO's ViT at their defaults)
+              "num_register_tokens", "layerscale_init", "ffn", "interpolate_offset",
+              "interpolate_antialias", "mask_token")
     if m.arch == "custom":  # otherwise the official dims of the arch win over these fields
         fields += ("embed_dim", "depth", "num_heads")
     cfg = {k: m[k] for k in fields}

@@ -9,10 +9,12 @@ import glob
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from dino_jax import checkpoint, convert
+from dino_jax.models import vit
 
 torch = pytest.importorskip("torch", reason="the .pth paths need the torch extra (installed in CI)")
 
@@ -167,3 +169,167 @@ def test_wrong_architecture_is_refused_in_one_line(tmp_path, capsys, damage, exp
     err = capsys.readouterr().err.strip()
     assert rc == 1 and expect in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------
+# Features against dinov2's forward_features / get_intermediate_layers / attention.
+# --------------------------------------------------------------------------
+# float32 on both sides; what differs is the order of summation (measured: ~2e-6).
+TOL = 1e-4
+FORMS = ("cpu", "generic")  # model.platform_ops: the CPU form and the one GPUs/TPUs run
+
+
+def _rel(actual, expected):
+    """max |a - e| / max |e| (0 for empty arrays: the register tokens of a model without)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.size == 0:
+        return 0.0
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def _model_cfg(meta):
+    """The dino_jax model config of a fixture, every field from its JSON."""
+    return dict(arch="custom", patch_size=meta["patch_size"], embed_dim=meta["embed_dim"],
+                depth=meta["depth"], num_heads=meta["num_heads"], mlp_ratio=meta["mlp_ratio"],
+                img_size=meta["img_size"], layer_norm_eps=meta["layer_norm_eps"],
+                num_register_tokens=meta["num_register_tokens"], layerscale_init=meta["init_values"],
+                ffn="swiglu" if meta["ffn_layer"].startswith("swiglu") else "mlp",
+                interpolate_offset=meta["interpolate_offset"],
+                interpolate_antialias=meta["interpolate_antialias"], mask_token=True)
+
+
+def _model_and_params(meta, arrays, platform_ops="auto"):
+    model = vit.build_backbone(_model_cfg(meta), platform_ops=platform_ops)
+    params = convert.torch_to_flax(_state_dict(arrays), meta["num_heads"], with_head=False)[0]["backbone"]
+    return model, params
+
+
+def _images(arrays, h, w):
+    return np.asarray(arrays[f"inputs/{h}x{w}"], np.float32).transpose(0, 2, 3, 1)  # NCHW -> NHWC
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_param_tree_is_the_converted_one(name):
+    """The model's own parameters have exactly the converted names, shapes and dtypes."""
+    meta, arrays = _load(name)
+    model, params = _model_and_params(meta, arrays)
+    h, w = meta["sizes"][0]
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, h, w, 3), np.float32)))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == \
+        jax.tree.map(lambda a: (a.shape, a.dtype), shapes["params"])
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", CASES)
+def test_forward_features_match_dinov2(name, form):
+    """CLS, patch and register tokens, the pre-norm tokens, the masked forward, the CLS
+    feature of ``__call__`` and the last block's attention, at every fixture size."""
+    meta, arrays = _load(name)
+    model, params = _model_and_params(meta, arrays, form)
+    v = {"params": params}
+    for h, w in meta["sizes"]:
+        key = f"{h}x{w}"
+        x = _images(arrays, h, w)
+        out = model.apply(v, x, return_attention=True, method="forward_features")
+        for ours, theirs in (("x_norm_clstoken", "cls"), ("x_norm_patchtokens", "patch"),
+                             ("x_norm_regtokens", "reg"), ("x_prenorm", "prenorm"),
+                             ("attention", "attention")):
+            err = _rel(out[ours], arrays[f"outputs/{theirs}/{key}"])
+            assert err < TOL, (key, ours, err)
+        k = 1 + meta["num_register_tokens"]
+        np.testing.assert_array_equal(out["cls_attention"], np.asarray(out["attention"])[:, :, 0, k:])
+        assert _rel(model.apply(v, x), arrays[f"outputs/cls/{key}"]) < TOL, key
+        att = model.apply(v, x, method="get_last_selfattention")
+        assert _rel(att, arrays[f"outputs/attention/{key}"]) < TOL, key
+        masked = model.apply(v, x, masks=arrays[f"inputs/masks/{key}"], method="forward_features")
+        assert _rel(masked["x_norm_clstoken"], arrays[f"outputs/masked_cls/{key}"]) < TOL, key
+        assert _rel(masked["x_norm_patchtokens"], arrays[f"outputs/masked_patch/{key}"]) < TOL, key
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_intermediate_layers_match_dinov2(name):
+    """``get_intermediate_layers(n, reshape, return_class_token, norm)`` for every argument
+    combination the fixture recorded (``reshape`` gives NHWC here, NCHW in dinov2)."""
+    meta, arrays = _load(name)
+    model, params = _model_and_params(meta, arrays)
+    for h, w in meta["sizes"]:
+        x = _images(arrays, h, w)
+        for c in meta["intermediate"]:
+            n = c["n"] if isinstance(c["n"], int) else tuple(c["n"])
+            res = model.apply({"params": params}, x, n=n, reshape=c["reshape"],
+                              return_class_token=c["return_class_token"], norm=c["norm"],
+                              method="get_intermediate_layers")
+            base = f"outputs/intermediate/{c['name']}/{h}x{w}"
+            count = len([k for k in arrays if k.startswith(base + "/") and k.endswith("/patch")])
+            assert len(res) == count > 0, (c["name"], len(res), count)
+            for i, item in enumerate(res):
+                patch, cls = item if c["return_class_token"] else (item, None)
+                patch = np.asarray(patch)
+                if c["reshape"]:
+                    patch = patch.transpose(0, 3, 1, 2)
+                assert _rel(patch, arrays[f"{base}/{i}/patch"]) < TOL, (c["name"], h, w, i)
+                if cls is not None:
+                    assert _rel(cls, arrays[f"{base}/{i}/cls"]) < TOL, (c["name"], h, w, i)
+
+
+def test_dino_defaults_build_dinos_vit():
+    """With the DINOv2 fields at their defaults the model is DINO's ViT: the same parameter
+    tree (no registers, LayerScale or mask token; fc1/fc2) as before the fields existed."""
+    model = vit.build_backbone(dict(arch="custom", patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                                    img_size=32))
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+    assert sorted(tree["params"]) == ["blocks_0", "blocks_1", "cls_token", "norm", "patch_embed", "pos_embed"]
+    assert sorted(tree["params"]["blocks_0"]) == ["attn", "mlp", "norm1", "norm2"]
+    assert sorted(tree["params"]["blocks_0"]["mlp"]) == ["fc1", "fc2"]
+
+
+# --------------------------------------------------------------------------
+# The evaluators take a converted DINOv2 backbone.
+# --------------------------------------------------------------------------
+def test_evaluator_features_of_a_register_model(tmp_path):
+    """What the evaluators compute (features.forward: k-NN/retrieval CLS, copy detection and
+    DAVIS patch tokens, extract's attention, the linear probe's DINO and dinov2 layouts), the
+    attention maps of visualize_attention and extract's output, on a backbone converted from a
+    dinov2 register model, against dinov2's own outputs: the registers are left out."""
+    from dino_jax import extract  # noqa: PLC0415
+    from dino_jax.eval import attention, features  # noqa: PLC0415
+
+    name = next(n for n in CASES if _load(n)[0]["num_register_tokens"] > 0)
+    meta, arrays = _load(name)
+    out = _torch2jax(tmp_path, meta, _state_dict(arrays))
+    model, params = checkpoint.load_backbone(out)
+    assert model.num_register_tokens == meta["num_register_tokens"]
+    h, w = meta["sizes"][1]
+    key, x = f"{h}x{w}", _images(arrays, h, w)
+    p = meta["patch_size"]
+    cls = features.forward(model, params, x, "cls")
+    assert _rel(cls, arrays[f"outputs/cls/{key}"]) < TOL
+    cls_t, patch = features.forward(model, params, x, "tokens")
+    assert _rel(cls_t, arrays[f"outputs/cls/{key}"]) < TOL
+    assert _rel(patch, arrays[f"outputs/patch/{key}"]) < TOL
+    k = 1 + meta["num_register_tokens"]
+    want_att = arrays[f"outputs/attention/{key}"][:, :, 0, k:]
+    cls_a, att = features.forward(model, params, x, "cls_attention")
+    assert _rel(att, want_att.reshape(len(x), meta["num_heads"], h // p, w // p)) < TOL
+    one = attention.cls_attention(model, params, np.zeros((h, w, 3), np.uint8))
+    assert one.shape == (meta["num_heads"], h // p, w // p)
+    # The linear probe's features: the CLS tokens of the last 2 blocks, then the pooled patches.
+    combo = next(c for c in meta["intermediate"] if c["name"] == "list_cls")
+    last = f"outputs/intermediate/{combo['name']}/{key}/{len(combo['n']) - 1}"
+    lin = features.forward(model, params, x, "linear", n_last_blocks=1, avgpool=True, layout="dinov2")
+    want = np.concatenate([arrays[last + "/cls"], arrays[last + "/patch"].mean(1)], -1)
+    assert _rel(lin, want) < TOL
+    lin = features.forward(model, params, x, "linear", n_last_blocks=1, avgpool=True)
+    assert _rel(lin, np.stack([arrays[last + "/cls"], arrays[last + "/patch"].mean(1)], -1).reshape(len(x), -1)) < TOL
+    # extract: CLS features and CLS-to-patch attention of an .npz of images.
+    images = np.clip(np.round(np.random.default_rng(0).uniform(0, 255, (2, h, w, 3))), 0, 255).astype(np.uint8)
+    npz = str(tmp_path / "images.npz")
+    np.savez(npz, images=images)
+    res = str(tmp_path / "f.npz")
+    assert extract.main(["--checkpoint", out, "--input", npz, "--output", res, "--attention"]) == 0
+    with np.load(res) as got:
+        xs = np.stack([np.asarray(features.array_inputs(images, p, None).get(i)) for i in range(2)])
+        ref = model.apply({"params": params}, xs, return_attention=True, method="forward_features")
+        assert _rel(got["cls"], ref["x_norm_clstoken"]) < TOL
+        assert got["attention"].shape[-3:] == (meta["num_heads"], h // p, w // p)

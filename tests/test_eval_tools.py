@@ -79,11 +79,11 @@ def _one_error_line(capsys):
 def test_linear_features_official_layout():
     model, params = _tiny_model()
     x = jax.random.normal(jax.random.key(1), (3, 28, 28, 3))
-    inter = [np.asarray(o) for o in model.apply({"params": params}, x, n=2, method="get_intermediate_layers")]
+    inter = [np.asarray(o) for o in model.apply({"params": params}, x, n=2, method="get_intermediate_tokens")]
     got = np.asarray(features.forward(model, params, x, "linear", n_last_blocks=2))
     np.testing.assert_array_equal(got, np.concatenate([o[:, 0] for o in inter], -1))
     # ViT-B layout: torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1).
-    last = np.asarray(model.apply({"params": params}, x, n=1, method="get_intermediate_layers")[0])
+    last = np.asarray(model.apply({"params": params}, x, n=1, method="get_intermediate_tokens")[0])
     want = np.stack([last[:, 0], last[:, 1:].mean(1)], -1).reshape(3, -1)
     got = np.asarray(features.forward(model, params, x, "linear", n_last_blocks=1, avgpool=True))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

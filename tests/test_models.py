@@ -51,7 +51,7 @@ def test_backbone_parity(name, platform_ops):
         x = jnp.asarray(arrays[f"inputs/{key}"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
         cls = model.apply(v, x)
         assert max_rel_err(cls, arrays[f"outputs/cls/{key}"]) < TOL, key
-        inter = np.stack(model.apply(v, x, n=4, method="get_intermediate_layers"))
+        inter = np.stack(model.apply(v, x, n=4, method="get_intermediate_tokens"))
         assert max_rel_err(inter, arrays[f"outputs/intermediate4/{key}"]) < TOL, key
         if f"outputs/last_attention/{key}" in arrays:
             attn = model.apply(v, x, method="get_last_selfattention")

@@ -73,8 +73,8 @@ def cls_attention(model, params, image_uint8: np.ndarray) -> np.ndarray:
     import jax.numpy as jnp  # noqa: PLC0415
 
     x = jnp.asarray(common.normalize_uint8(image_uint8)[None])
-    att = model.apply({"params": params}, x, method="get_last_selfattention")
-    att = np.asarray(att[0, :, 0, 1:], np.float32)
+    out = model.apply({"params": params}, x, return_attention=True, method="forward_features")
+    att = np.asarray(out["cls_attention"][0], np.float32)  # DINOv2's registers left out
     p = model.patch_size
     return att.reshape(att.shape[0], image_uint8.shape[0] // p, image_uint8.shape[1] // p)
 

@@ -139,14 +139,12 @@ def load_inputs(path: str, patch: int, image_size: int | None = None, resize_rat
     return array_inputs(images, patch, image_size, resize_ratio, what=f"'images' in {path}")
 
 
-def prefix_tokens(backbone) -> int:
-    """Tokens before the patches in the backbone's sequence: the CLS token, then any register
-    tokens (DINO's ViTs have none)."""
-    return 1 + int(getattr(backbone, "num_register_tokens", 0))
+# Linear-probe feature layouts: the official DINO eval_linear's, dinov2's eval/linear.py's.
+LINEAR_LAYOUTS = ("dino", "dinov2")
 
 
 def forward(backbone, params, images, output: str = "cls", normalize: bool = False,
-            n_last_blocks: int = 1, avgpool: bool = False):
+            n_last_blocks: int = 1, avgpool: bool = False, layout: str = "dino"):
     """The features of ``images`` (NHWC, normalised) the evaluations use, float32:
 
     - ``'cls'``: (B, D), the backbone's CLS feature (its ``__call__``); L2-normalised
@@ -157,27 +155,35 @@ def forward(backbone, params, images, output: str = "cls", normalize: bool = Fal
       (copy detection, video segmentation);
     - ``'linear'``: (B, D * (n_last_blocks + avgpool)), the linear probe's concatenated CLS
       tokens of the last ``n_last_blocks`` blocks, with ``avgpool`` the last block's mean
-      patch token interleaved as the official eval_linear lays it out.
+      patch token interleaved as the official eval_linear lays it out, or with
+      ``layout='dinov2'`` appended after them as dinov2's ``create_linear_input`` does.
+    Tokens come from the backbone's own methods (``forward_features``,
+    ``get_intermediate_layers``), which leave out DINOv2's register tokens.
     """
     v = {"params": params}
-    r = prefix_tokens(backbone)
     if output == "cls":
         cls = backbone.apply(v, images).astype(jnp.float32)
         return l2_normalize(cls) if normalize else cls
     if output == "cls_attention":
         p = backbone.patch_size
-        tokens, att = backbone.apply(v, images, method="get_tokens_and_attention")
-        att = att[:, :, 0, r:].reshape(images.shape[0], att.shape[1], images.shape[1] // p, images.shape[2] // p)
-        return tokens[:, 0].astype(jnp.float32), att.astype(jnp.float32)
+        out = backbone.apply(v, images, return_attention=True, method="forward_features")
+        att = out["cls_attention"]
+        att = att.reshape(images.shape[0], att.shape[1], images.shape[1] // p, images.shape[2] // p)
+        return out["x_norm_clstoken"].astype(jnp.float32), att.astype(jnp.float32)
     if output == "tokens":
-        tokens = backbone.apply(v, images, method="get_tokens").astype(jnp.float32)
-        return tokens[:, 0], tokens[:, r:]
+        out = backbone.apply(v, images, method="forward_features")
+        return out["x_norm_clstoken"].astype(jnp.float32), out["x_norm_patchtokens"].astype(jnp.float32)
     if output == "linear":
-        outs = backbone.apply(v, images, n=n_last_blocks, method="get_intermediate_layers")
-        feats = jnp.concatenate([o[:, 0] for o in outs], axis=-1).astype(jnp.float32)
+        if layout not in LINEAR_LAYOUTS:
+            raise ValueError(f"linear feature layout must be one of {LINEAR_LAYOUTS}, got {layout!r}")
+        outs = backbone.apply(v, images, n=n_last_blocks, return_class_token=True,
+                              method="get_intermediate_layers")  # ((patch tokens, CLS), ...)
+        feats = jnp.concatenate([cls for _, cls in outs], axis=-1).astype(jnp.float32)
         if avgpool:
-            # Official: cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1).
-            mean = jnp.mean(outs[-1][:, r:].astype(jnp.float32), axis=1)
+            mean = jnp.mean(outs[-1][0].astype(jnp.float32), axis=1)
+            if layout == "dinov2":  # dinov2: cat((CLS tokens..., mean patch token), -1)
+                return jnp.concatenate([feats, mean], axis=-1)
+            # Official DINO: cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1).
             feats = jnp.stack([feats, mean], axis=-1).reshape(feats.shape[0], -1)
         return feats
     raise ValueError(f"unknown feature output {output!r}")
@@ -185,13 +191,13 @@ def forward(backbone, params, images, output: str = "cls", normalize: bool = Fal
 
 @functools.lru_cache(maxsize=32)
 def feature_fn(backbone, output: str = "cls", normalize: bool = False, mesh=None, n_last_blocks: int = 1,
-               avgpool: bool = False):
+               avgpool: bool = False, layout: str = "dino"):
     """Jitted ``(params, images) -> forward(...)`` (see :func:`forward`), built once per backbone
     and settings and reused by every evaluation (periodic ones included, so a training run
     compiles each feature program once). With ``mesh`` the batch is split over it and the
     params are replicated."""
     fn = functools.partial(forward, backbone, output=output, normalize=normalize,
-                           n_last_blocks=n_last_blocks, avgpool=avgpool)
+                           n_last_blocks=n_last_blocks, avgpool=avgpool, layout=layout)
     if mesh is None:
         return jax.jit(fn)
     return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),

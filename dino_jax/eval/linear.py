@@ -10,6 +10,10 @@ with ``--avgpool_patchtokens true`` (``n_last_blocks`` 1) the mean of the last
 block's patch tokens is added, interleaved with the CLS token exactly as the
 official code lays it out, so its linear weights load unchanged. The paper uses
 4 blocks without pooling for ViT-S and 1 block with pooling for ViT-B.
+``--feature_layout dinov2`` gives DINOv2's evaluation features (dinov2/eval/linear.py):
+the CLS tokens of the last ``n_last_blocks`` blocks, then with ``--avgpool_patchtokens
+true`` the mean patch token of the last block appended after them, for any
+``n_last_blocks``; register tokens are never pooled.
 
 Classifier: one linear layer (weight normal(0, 0.01), bias 0) trained with
 cross-entropy by SGD (momentum 0.9, weight decay 0 by default) at
@@ -79,10 +83,11 @@ def epoch_lr(base_lr: float, epoch: int, epochs: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-def make_train_step(model, tx, n_last_blocks, avgpool, mesh):
+def make_train_step(model, tx, n_last_blocks, avgpool, mesh, layout="dino"):
     def step(lin, opt_state, backbone, images, labels, lr):
         feats = jax.lax.stop_gradient(features.forward(model, backbone, images, "linear",
-                                                       n_last_blocks=n_last_blocks, avgpool=avgpool))
+                                                       n_last_blocks=n_last_blocks, avgpool=avgpool,
+                                                       layout=layout))
 
         def loss_fn(lin):
             logits = apply_linear(lin, feats)
@@ -174,7 +179,7 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
                     avgpool=False, epochs=100, batch_size=1024, lr=0.001, weight_decay=0.0,
                     num_labels=None, seed=0, image_size=None, val_freq=1, output_dir=None,
                     max_eval_examples=None, evaluate_weights=None, resume=True, progress=print,
-                    log_every=20, mesh=None) -> dict:
+                    log_every=20, mesh=None, feature_layout="dino") -> dict:
     """Train (or with ``evaluate_weights`` only evaluate) the linear probe; returns
     {'acc1', 'acc5', 'best_acc1', 'linear': {'weight', 'bias'}, 'epochs_run', ...}.
     The training source is built once and re-shuffled per epoch; the validation features
@@ -184,9 +189,12 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
     progress = progress or (lambda _m: None)
     if n_last_blocks < 1 or n_last_blocks > model.depth:
         raise ValueError(f"--n_last_blocks must be in 1..{model.depth} (the backbone's depth), got {n_last_blocks}")
-    if avgpool and n_last_blocks != 1:
+    if feature_layout not in features.LINEAR_LAYOUTS:
+        raise ValueError(f"--feature_layout must be one of {features.LINEAR_LAYOUTS}, got {feature_layout!r}")
+    if avgpool and n_last_blocks != 1 and feature_layout == "dino":
         raise ValueError("--avgpool_patchtokens true needs --n_last_blocks 1 (the official layout "
-                         "interleaves one CLS token with the pooled patch token)")
+                         "interleaves one CLS token with the pooled patch token; --feature_layout dinov2 pools after "
+                         "any number)")
     if epochs < 1 and evaluate_weights is None:
         raise ValueError(f"--epochs must be at least 1, got {epochs}")
     mesh = mesh or sharding.make_mesh(1)
@@ -203,7 +211,8 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
 
     progress(f"features of {val_iter.num_examples} {eval_split} images "
              f"({n_last_blocks} block(s){' + avgpool' if avgpool else ''}, dim {dim})")
-    feat_fn = features.feature_fn(model, "linear", mesh=mesh, n_last_blocks=n_last_blocks, avgpool=avgpool)
+    feat_fn = features.feature_fn(model, "linear", mesh=mesh, n_last_blocks=n_last_blocks, avgpool=avgpool,
+                                  layout=feature_layout)
     val_feats, val_labels = common.iterator_features(feat_fn, params, val_iter, mesh, progress)
     val = ValSet(val_feats, val_labels)
     if evaluate_weights is None and len(val_labels) and val_labels.max() >= num_labels:
@@ -237,7 +246,7 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
                 start_step=start_epoch * train_it.steps_per_epoch)
     rep = sharding.replicated(mesh)
     lin, opt_state, backbone = jax.device_put((lin, opt_state, params), rep)
-    step = make_train_step(model, tx, n_last_blocks, avgpool, mesh)
+    step = make_train_step(model, tx, n_last_blocks, avgpool, mesh, feature_layout)
     bsh = sharding.batch_sharding(mesh)
     stats = {}
     for epoch in range(start_epoch, epochs):
@@ -342,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--avgpool_patchtokens", type=_bool_flag, default=False,
                     help="also concatenate the mean patch token of the last block (official: false for "
                          "ViT-S, true for ViT-B with --n_last_blocks 1)")
+    ap.add_argument("--feature_layout", default="dino", choices=("dino", "dinov2"),
+                    help="dino: the official DINO layout (pooled token interleaved, n_last_blocks 1); "
+                         "dinov2: DINOv2's evaluation features, the CLS tokens of the last n blocks then "
+                         "the last block's mean patch token (any n_last_blocks)")
     ap.add_argument("--epochs", type=int, default=100, help="training epochs (official 100)")
     ap.add_argument("--lr", type=float, default=0.001,
                     help="learning rate for a batch of 256 (scaled by batch/256), cosine-annealed to 0 "
@@ -388,7 +401,7 @@ def main(argv=None) -> int:
         ev = LinearEvaluator(settings, common.data_config_from_args(a), progress=say, seed=a.seed,
                              num_labels=a.num_labels or None, image_size=a.image_size, val_freq=a.val_freq,
                              output_dir=a.output_dir, evaluate_weights=weights, resume=not a.no_resume,
-                             log_every=a.log_every)
+                             log_every=a.log_every, feature_layout=a.feature_layout)
         ev.run(model, params)
         res = ev.last
         results = {k: res[k] for k in ("acc1", "acc5", "loss", "best_acc1") if k in res}

@@ -1,4 +1,6 @@
-"""Vision Transformer (Flax Linen) computing what the official DINO ViT computes.
+"""Vision Transformer (Flax Linen) computing what the official DINO ViT computes, and
+the DINOv2 backbones from config fields (registers, LayerScale, SwiGLU, mask token,
+dinov2's position-embedding interpolation); the defaults are DINO's ViT.
 
 Pre-norm blocks, LayerNorm eps 1e-6 with exact variance, qkv bias, exact (erf)
 GELU, final LayerNorm, the CLS token as the feature; the official initial
@@ -97,24 +99,58 @@ def bicubic_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
     return m.astype(np.float32)
 
 
+def _keys_cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic kernel with a = -0.5 (PIL's), the filter of PyTorch's antialiased bicubic."""
+    a = -0.5
+    x = np.abs(x)
+    return np.where(x < 1.0, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2.0, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_antialias_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
+    """(out_size, in_size) matrix of ``interpolate(mode="bicubic", antialias=True,
+    align_corners=False)`` along one axis, ``scale`` = output/input: output pixel i is
+    centred at input coordinate (i + 0.5) / scale; the kernel is stretched by 1/scale
+    when shrinking, its taps stay inside the input and each row is normalised to 1."""
+    ratio = 1.0 / scale
+    stretch = max(ratio, 1.0)
+    support = 2.0 * stretch
+    m = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        center = ratio * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        w = _keys_cubic((np.arange(lo, hi) - center + 0.5) / stretch)
+        m[i, lo:hi] = w / w.sum()
+    return m.astype(np.float32)
+
+
 def interpolate_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int, image_h: int,
-                          image_w: int) -> jax.Array:
+                          image_w: int, offset: float = 0.1, antialias: bool = False) -> jax.Array:
     """The official ``interpolate_pos_encoding`` for a (1, 1+N, D) embedding and
-    an image giving a grid_h x grid_w patch grid."""
+    an image giving a grid_h x grid_w patch grid. ``offset`` and ``antialias`` are
+    DINOv2's ``interpolate_offset``/``interpolate_antialias`` (DINO: 0.1, False)."""
     n = pos_embed.shape[1] - 1
     if grid_h * grid_w == n and image_h == image_w:
         return pos_embed
     side = int(math.sqrt(n))
     if side * side != n:
         raise ValueError(f"position embedding has {n} patch positions, not a square grid")
-    # Official: scale_factor=((h0 + 0.1) / sqrt(N), (w0 + 0.1) / sqrt(N)), output = floor(in * scale).
-    scale_h = (grid_h + 0.1) / math.sqrt(n)
-    scale_w = (grid_w + 0.1) / math.sqrt(n)
-    out_h = int(math.floor(float(side) * scale_h))
-    out_w = int(math.floor(float(side) * scale_w))
-    assert (out_h, out_w) == (grid_h, grid_w), (out_h, out_w, grid_h, grid_w)
-    mh = jnp.asarray(bicubic_matrix(side, out_h, scale_h))
-    mw = jnp.asarray(bicubic_matrix(side, out_w, scale_w))
+    if offset:
+        # Official: scale_factor=((h0 + offset) / sqrt(N), (w0 + offset) / sqrt(N)),
+        # output = floor(in * scale).
+        scale_h = (grid_h + offset) / math.sqrt(n)
+        scale_w = (grid_w + offset) / math.sqrt(n)
+        out_h = int(math.floor(float(side) * scale_h))
+        out_w = int(math.floor(float(side) * scale_w))
+        assert (out_h, out_w) == (grid_h, grid_w), (out_h, out_w, grid_h, grid_w)
+    else:  # DINOv2 with offset 0: size=(h0, w0), the scale is the size ratio
+        out_h, out_w = grid_h, grid_w
+        scale_h, scale_w = grid_h / side, grid_w / side
+    matrix = bicubic_antialias_matrix if antialias else bicubic_matrix
+    mh = jnp.asarray(matrix(side, out_h, scale_h))
+    mw = jnp.asarray(matrix(side, out_w, scale_w))
     cls_pos = pos_embed[:, :1]
     grid = pos_embed[0, 1:].reshape(side, side, -1).astype(jnp.float32)
     grid = jnp.einsum("ia,jb,abd->ijd", mh, mw, grid, precision=jax.lax.Precision.HIGHEST)
@@ -215,6 +251,37 @@ class Mlp(nn.Module):
         return dense(d, self.dtype, "fc2")(x)
 
 
+class LayerScale(nn.Module):
+    """DINOv2's LayerScale: a learned per-channel gain ``gamma`` on a residual branch."""
+    init_value: float
+
+    @nn.compact
+    def __call__(self, x):
+        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],),
+                           jnp.float32)
+        return x * gamma.astype(x.dtype)
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
+    """Hidden width of DINOv2's fused SwiGLU: 2/3 of the MLP's, rounded up to a multiple of 8."""
+    return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLU(nn.Module):
+    """DINOv2's fused SwiGLU feed-forward block (ViT-g): w12, silu(x1) * x2, w3."""
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        x1, x2 = jnp.split(dense(2 * self.hidden_dim, self.dtype, "w12")(x), 2, axis=-1)
+        return dense(d, self.dtype, "w3")(nn.silu(x1) * x2)
+
+
+FFNS = ("mlp", "swiglu")
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
     dim: int
@@ -226,6 +293,8 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     fused_attention: bool = False
     platform_ops: str = "auto"
+    layerscale_init: float = 0.0  # DINOv2: LayerScale ls1/ls2 after attn/ffn; 0 = none
+    ffn: str = "mlp"  # mlp | swiglu (DINOv2 ViT-g)
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_attention: bool = False,
@@ -238,10 +307,17 @@ class Block(nn.Module):
             layer_norm(self.eps, self.dtype, "norm1")(x), return_attention, cls_only)
         if cls_only:
             x = x[:, :1]
+        if self.layerscale_init:
+            y = LayerScale(self.layerscale_init, name="ls1")(y)
         drop = DropPath(self.drop_path, name="drop_path")
         x = x + drop(y, train)
-        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, self.platform_ops, name="mlp")(
-            layer_norm(self.eps, self.dtype, "norm2")(x))
+        if self.ffn == "swiglu":
+            ffn = SwiGLU(swiglu_hidden(self.dim, self.mlp_ratio), self.dtype, name="mlp")
+        else:
+            ffn = Mlp(int(self.dim * self.mlp_ratio), self.dtype, self.platform_ops, name="mlp")
+        y = ffn(layer_norm(self.eps, self.dtype, "norm2")(x))
+        if self.layerscale_init:
+            y = LayerScale(self.layerscale_init, name="ls2")(y)
         x = x + drop(y, train)
         return (x, attn) if return_attention else x
 
@@ -262,8 +338,22 @@ class VisionTransformer(nn.Module):
     fused_attention: bool = False  # deviation switch: cuDNN/XLA fused attention kernel
     remat: bool = False  # rematerialise each block but the last in the backward pass (memory for compute)
     platform_ops: str = "auto"  # auto | cpu | generic: the form of the operations (platform_ops.select)
+    # DINOv2 (config fields of the same names; these defaults are DINO's ViT):
+    num_register_tokens: int = 0  # learned tokens after CLS, without position embedding
+    layerscale_init: float = 0.0  # LayerScale on each residual branch, its initial gain; 0 = none
+    ffn: str = "mlp"  # block FFN: mlp | swiglu
+    interpolate_offset: float = 0.1  # position-embedding resize offset; 0 = exact output size
+    interpolate_antialias: bool = False  # antialiased bicubic position-embedding resize
+    mask_token: bool = False  # a learned mask token (parameter ``mask_token``, (1, D))
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS and the registers."""
+        return 1 + self.num_register_tokens
 
     def setup(self):
+        if self.ffn not in FFNS:
+            raise ValueError(f"model.ffn must be one of {FFNS}, got {self.ffn!r}")
         p = self.patch_size
         fan_in = self.in_chans * p * p
         self.patch_embed = nn.Conv(
@@ -274,6 +364,11 @@ class VisionTransformer(nn.Module):
         self.cls_token = self.param("cls_token", trunc_normal_init(0.02), (1, 1, self.embed_dim))
         self.pos_embed = self.param("pos_embed", trunc_normal_init(0.02),
                                     (1, num_patches + 1, self.embed_dim))
+        if self.num_register_tokens:  # DINOv2 draws them at std 1e-6
+            self.register_tokens = self.param("register_tokens", nn.initializers.normal(1e-6),
+                                              (1, self.num_register_tokens, self.embed_dim))
+        if self.mask_token:
+            self.mask_embedding = self.param("mask_token", nn.initializers.zeros, (1, self.embed_dim))
         # Linear drop-path rule over depth, as torch.linspace(0, rate, depth).
         rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
         block_cls = nn.remat(Block, static_argnums=(2, 3, 4)) if self.remat else Block
@@ -282,12 +377,14 @@ class VisionTransformer(nn.Module):
             (block_cls if i < self.depth - 1 else Block)(
                 self.embed_dim, self.num_heads, self.mlp_ratio, self.qkv_bias, float(rates[i]),
                 self.layer_norm_eps, self.dtype, self.fused_attention, self.platform_ops,
-                name=f"blocks_{i}")
+                layerscale_init=self.layerscale_init, ffn=self.ffn, name=f"blocks_{i}")
             for i in range(self.depth)
         ]
         self.norm = layer_norm(self.layer_norm_eps, self.dtype, "norm")
 
-    def prepare_tokens(self, x):
+    def prepare_tokens(self, x, masks=None):
+        """(B, 1+R+N, D): CLS, the registers, the patches; position embedding on CLS and
+        patches. ``masks`` (B, N) bool: those patches become the mask token (DINOv2)."""
         b, h, w, c = x.shape
         p = self.patch_size
         if h % p or w % p:
@@ -295,13 +392,24 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x.astype(self.dtype))  # (B, h/p, w/p, D)
         gh, gw = x.shape[1], x.shape[2]
         x = einops.rearrange(x, "b h w d -> b (h w) d")
+        if masks is not None:
+            if not self.mask_token:
+                raise ValueError("masks need a model with a mask token (model.mask_token)")
+            x = jnp.where(masks[..., None], self.mask_embedding[None].astype(x.dtype), x)
         cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, self.embed_dim))
         x = jnp.concatenate([cls, x], axis=1)
-        pos = interpolate_pos_embed(self.pos_embed, gh, gw, h, w)
-        return x + pos.astype(x.dtype)
+        pos = interpolate_pos_embed(self.pos_embed, gh, gw, h, w, self.interpolate_offset,
+                                    self.interpolate_antialias)
+        x = x + pos.astype(x.dtype)
+        if self.num_register_tokens:
+            regs = jnp.broadcast_to(self.register_tokens.astype(x.dtype),
+                                    (b, self.num_register_tokens, self.embed_dim))
+            x = jnp.concatenate([x[:, :1], regs, x[:, 1:]], axis=1)
+        return x
 
     def get_tokens(self, x, train: bool = False):
-        """All final normalised tokens (B, 1+N, D): [:, 0] is CLS, [:, 1:] the patches."""
+        """All final normalised tokens (B, 1+R+N, D): [:, 0] is CLS, then R registers
+        (``num_prefix_tokens`` = 1+R), then the patches."""
         x = self.prepare_tokens(x)
         for blk in self.blocks:
             x = blk(x, train, False, False)
@@ -317,8 +425,27 @@ class VisionTransformer(nn.Module):
             x = blk(x, train, False, False)
         return self.norm(self.blocks[-1](x, train, False, True))[:, 0]
 
+    def forward_features(self, x, masks=None, return_attention: bool = False):
+        """DINOv2's ``forward_features``: {'x_norm_clstoken' (B, D), 'x_norm_regtokens'
+        (B, R, D), 'x_norm_patchtokens' (B, N, D), 'x_prenorm' (B, 1+R+N, D)}; with
+        ``return_attention`` also the last block's 'attention' (B, heads, 1+R+N, 1+R+N)
+        and 'cls_attention' (B, heads, N), the CLS query's weights on the patches."""
+        x = self.prepare_tokens(x, masks)
+        for blk in self.blocks[:-1]:
+            x = blk(x, False, False, False)
+        x, attn = self.blocks[-1](x, False, return_attention, False) if return_attention \
+            else (self.blocks[-1](x, False, False, False), None)
+        x_norm = self.norm(x)
+        k = self.num_prefix_tokens
+        out = {"x_norm_clstoken": x_norm[:, 0], "x_norm_regtokens": x_norm[:, 1:k],
+               "x_norm_patchtokens": x_norm[:, k:], "x_prenorm": x}
+        if return_attention:
+            out["attention"] = attn
+            out["cls_attention"] = attn[:, :, 0, k:]
+        return out
+
     def get_last_selfattention(self, x):
-        """Softmax attention of the last block, (B, heads, N, N), float32."""
+        """Softmax attention of the last block, (B, heads, 1+R+N, 1+R+N), float32."""
         return self.get_tokens_and_attention(x)[1]
 
     def get_tokens_and_attention(self, x):
@@ -331,8 +458,34 @@ class VisionTransformer(nn.Module):
         x, attn = self.blocks[-1](x, False, True, False)
         return self.norm(x), attn
 
-    def get_intermediate_layers(self, x, n: int = 1):
-        """Normalised outputs of the last ``n`` blocks, a list of (B, 1+N, D)."""
+    def get_intermediate_layers(self, x, n=1, reshape: bool = False,
+                                return_class_token: bool = False, norm: bool = True):
+        """DINOv2's ``get_intermediate_layers``: the outputs of the last ``n`` blocks (or of
+        the blocks whose indices ``n`` lists), through the final LayerNorm when ``norm``; a
+        tuple of patch tokens (B, N, D), or (B, h, w, D) with ``reshape`` (NHWC: dinov2
+        gives (B, D, h, w)), paired with the CLS token (B, D) when ``return_class_token``.
+        DINO's ``get_intermediate_layers(x, n)`` (whole token sequences) is
+        :meth:`get_intermediate_tokens`."""
+        b, h, w, _ = x.shape
+        take = range(self.depth - n, self.depth) if isinstance(n, int) else list(n)
+        if not all(0 <= i < self.depth for i in take) or (isinstance(n, int) and n > self.depth):
+            raise ValueError(f"blocks {list(take)} requested from a depth-{self.depth} model")
+        x = self.prepare_tokens(x)
+        outs = []
+        for i, blk in enumerate(self.blocks[:max(take) + 1]):
+            x = blk(x, False, False, False)
+            if i in take:
+                outs.append(self.norm(x) if norm else x)
+        k = self.num_prefix_tokens
+        cls = [o[:, 0] for o in outs]
+        outs = [o[:, k:] for o in outs]
+        if reshape:
+            outs = [o.reshape(b, h // self.patch_size, w // self.patch_size, -1) for o in outs]
+        return tuple(zip(outs, cls)) if return_class_token else tuple(outs)
+
+    def get_intermediate_tokens(self, x, n: int = 1):
+        """DINO's ``get_intermediate_layers(x, n)``: the normalised outputs of the last
+        ``n`` blocks, a list of (B, 1+R+N, D)."""
         x = self.prepare_tokens(x)
         out = []
         for i, blk in enumerate(self.blocks):
@@ -357,7 +510,8 @@ vit_base = _builder("vit_base")
 
 # Fields of VisionTransformer that describe the architecture (saved as model-config JSON).
 CONFIG_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-                 "img_size", "layer_norm_eps")
+                 "img_size", "layer_norm_eps", "num_register_tokens", "layerscale_init", "ffn",
+                 "interpolate_offset", "interpolate_antialias", "mask_token")
 
 
 def arch_name(embed_dim: int, depth: int, num_heads: int) -> str:
