@@ -131,6 +131,46 @@ def open_file(path, mode: str = "r"):
     return Path(path).open(mode)
 
 
+def readable(path):
+    """What a reader that wants a file name or a file object takes: a local path as it
+    is, a URL's object read whole into memory (``io.BytesIO``)."""
+    if not is_remote(path):
+        return os.fspath(path)
+    import io  # noqa: PLC0415
+
+    return io.BytesIO(read_bytes(path))
+
+
+def staging_file(path) -> str:
+    """A temporary local file to write ``path``'s content into before :func:`publish`:
+    beside ``path`` on disk (same file system: the publish is a rename); in the
+    system's temporary folder for a URL."""
+    name = f".tmp-{os.getpid()}-{basename(path)}"
+    if is_remote(path):
+        import tempfile  # noqa: PLC0415
+
+        return os.path.join(tempfile.gettempdir(), name)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    return os.path.join(parent, name)
+
+
+def publish(staged: str, path) -> None:
+    """Put the finished local file ``staged`` at ``path``: a rename on disk, one upload
+    (one object, all or nothing) to a URL; ``staged`` is gone afterwards."""
+    if not is_remote(path):
+        os.replace(staged, path)
+        return
+    try:
+        check_bucket(path)
+        import fsspec  # noqa: PLC0415
+
+        fs, remote = fsspec.core.url_to_fs(os.fspath(path))
+        fs.put_file(staged, remote)
+    finally:
+        os.remove(staged)
+
+
 def rmtree(path) -> None:
     Path(path).rmtree()
 

@@ -22,6 +22,7 @@ import struct
 
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.data.files import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, list_images  # noqa: F401
 from dino_jax.data.tfutil import tf
 
@@ -40,9 +41,9 @@ class DataError(ValueError):
 # Fashion-MNIST IDX (Debian's dataset-fashion-mnist).
 # --------------------------------------------------------------------------
 def _read_idx(path: str) -> np.ndarray:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    data = paths.read_bytes(path)
+    if path.endswith(".gz"):
+        data = gzip.decompress(data)
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
@@ -57,19 +58,19 @@ def read_fashion_mnist(directory: str, split: str):
     """(images uint8 (N, 28, 28), labels int32 (N,)) of ``split`` ('train' | 'test')."""
     if split not in _IDX_FILES:
         raise DataError(f"unknown Fashion-MNIST split {split!r}; expected one of {sorted(_IDX_FILES)}")
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         raise DataError(f"Fashion-MNIST directory {directory} does not exist "
                         f"(apt-get install dataset-fashion-mnist)")
-    paths = []
+    idx_files = []
     for stem in _IDX_FILES[split]:
-        cands = [os.path.join(directory, stem + ext) for ext in (".gz", "")]
-        found = [p for p in cands if os.path.exists(p)]
+        cands = [paths.join(directory, stem + ext) for ext in (".gz", "")]
+        found = [p for p in cands if paths.exists(p)]
         if not found:
             raise DataError(f"{cands[0]} not found in the Fashion-MNIST directory {directory}")
-        paths.append(found[0])
-    images, labels = _read_idx(paths[0]), _read_idx(paths[1])
+        idx_files.append(found[0])
+    images, labels = _read_idx(idx_files[0]), _read_idx(idx_files[1])
     if len(images) != len(labels):
-        raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} {len(labels)} labels")
+        raise DataError(f"{idx_files[0]} has {len(images)} images but {idx_files[1]} {len(labels)} labels")
     return images, labels.astype(np.int32)
 
 
@@ -146,7 +147,7 @@ def _is_image(name: str) -> bool:
 
 
 def _has_top_level_images(folder: str) -> bool:
-    return any(_is_image(n) and os.path.isfile(os.path.join(folder, n)) for n in os.listdir(folder))
+    return any(_is_image(n) and paths.isfile(paths.join(folder, n)) for n in paths.listdir(folder))
 
 
 class FolderSource(Source):
@@ -155,15 +156,15 @@ class FolderSource(Source):
     ``root`` without labels (label -1, 0 classes)."""
 
     def __init__(self, root: str, subset=None, labeled: bool | None = None):
-        if not os.path.isdir(root):
+        if not paths.isdir(root):
             raise DataError(f"image folder {root} does not exist")
         if labeled is None:
             labeled = not _has_top_level_images(root)
         classes, files, labels = [], [], []
         if labeled:
-            classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+            classes = sorted(d for d in paths.listdir(root) if paths.isdir(paths.join(root, d)))
             for ci, c in enumerate(classes):
-                found = list_images(os.path.join(root, c))
+                found = list_images(paths.join(root, c))
                 files += found
                 labels += [ci] * len(found)
         else:
@@ -180,13 +181,19 @@ class FolderSource(Source):
             idx = _sliced(len(files), *subset)
             files, labels = [files[i] for i in idx], [labels[i] for i in idx]
         self.root, self.classes, self.files = root, classes, files
+        self.remote = paths.is_remote(root)
         self.paths = tf.constant(files)
         self.labels = tf.constant(np.asarray(labels, np.int32))
         self.num_examples, self.num_classes = len(files), len(classes)
         self.name = name
 
     def load(self, index):
-        data = tf.io.read_file(tf.gather(self.paths, index))
+        path = tf.gather(self.paths, index)
+        if self.remote:  # through the path layer (gcsfs), not TF's own GCS client (paths module doc)
+            data = tf.numpy_function(lambda p: paths.read_bytes(p.decode()), [path], tf.string, stateful=False)
+            data.set_shape([])
+        else:
+            data = tf.io.read_file(path)
         img = tf.io.decode_image(data, channels=3, expand_animations=False)
         img.set_shape([None, None, 3])
         return img, tf.gather(self.labels, index)
@@ -201,15 +208,15 @@ class ListSource(FolderSource):
 
     def __init__(self, list_file: str, subset=None):
         try:
-            with open(list_file) as f:
-                lines = [ln.strip() for ln in f]
+            lines = [ln.strip() for ln in paths.read_text(list_file).splitlines()]
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read the image list {list_file}: {e}") from e
-        base = os.path.dirname(os.path.abspath(list_file))
-        files = [os.path.join(base, ln) for ln in lines if ln and not ln.startswith("#")]
+        base = paths.dirname(paths.abspath(list_file))
+        files = [ln if paths.is_remote(ln) else paths.join(base, ln)
+                 for ln in lines if ln and not ln.startswith("#")]
         if not files:
             raise DataError(f"the image list {list_file} names no images")
-        missing = [p for p in files[:10] if not os.path.isfile(p)]  # catch a wrong base early
+        missing = [p for p in files[:10] if not paths.isfile(p)]  # catch a wrong base early
         if missing:
             raise DataError(f"the image list {list_file} names {missing[0]}, which does not exist")
         self._init(base, [], files, [-1] * len(files), subset, f"image list {list_file}")
@@ -219,14 +226,14 @@ def _resolve_folder_split(root: str, split: str):
     """(folder, labeled): ``root/<split>`` (labels from its class folders, or none when it
     holds images itself); without that sub-folder, a root that holds images itself
     stands for every split (all images below it, unlabeled)."""
-    sub = os.path.join(root, split)
-    if os.path.isdir(sub):
+    sub = paths.join(root, split)
+    if paths.isdir(sub):
         return sub, None
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
         raise DataError(f"image folder {root} does not exist")
     if _has_top_level_images(root):
         return root, False
-    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    splits = sorted(d for d in paths.listdir(root) if paths.isdir(paths.join(root, d)))
     raise DataError(f"no split {split!r} in image folder {root} (sub-folders: {', '.join(splits[:10])}); "
                     f"unlabeled images go in {root}/{split}/ (any depth) or in a .txt list as data.path")
 
@@ -343,7 +350,11 @@ def make_source(data_cfg, split: str) -> Source:
             raise DataError("data.path must name the ImageFolder root or an image list (.txt) "
                             "for data.source='image_folder'")
         subset = None if sl is None else (sl, split)
-        if os.path.isfile(str(data_cfg.path)):
+        try:
+            paths.check_bucket(str(data_cfg.path))
+        except paths.PathError as e:
+            raise DataError(f"data.path {data_cfg.path}: {e}") from None
+        if paths.isfile(str(data_cfg.path)):
             return ListSource(str(data_cfg.path), subset)
         folder, labeled = _resolve_folder_split(str(data_cfg.path), base)
         return FolderSource(folder, subset, labeled=labeled)
