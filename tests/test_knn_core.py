@@ -76,3 +76,51 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                      "--resize_ratio", "1.0"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown Fashion-MNIST split 'validation'") and "\n" not in err
+
+
+def test_periodic_knn_builds_its_feature_function_once():
+    """Two periodic k-NN evaluations of one backbone (as in a training run) share one
+    jitted feature function, compiled once; the numbers are those of knn_evaluate."""
+    from dino_jax import sharding
+    from dino_jax.eval import features
+
+    model = vit.VisionTransformer(patch_size=7, embed_dim=16, depth=1, num_heads=2, img_size=28)
+    params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 28, 28, 3)))["params"]
+    c = base_config()
+    c.data.update(dict(source="fashion_mnist", path=FMNIST, eval_image_size=28, eval_resize_ratio=1.0))
+    c.evals.knn.update(dict(every_epochs=1, train_split="train[:64]", eval_split="test[:32]", k=5, batch_size=16))
+    mesh = sharding.make_mesh(1)
+    ev = knn.KnnEvaluator(c.evals.knn, c.data, mesh=mesh)
+    first = ev.run(model, params)
+    fn = features.feature_fn(model, "cls", normalize=True, mesh=mesh)
+    compiled = fn._cache_size()
+    again = ev.run(model, jax.tree.map(lambda x: x + 0, params))  # new arrays, same shapes
+    assert features.feature_fn(model, "cls", normalize=True, mesh=mesh) is fn
+    assert fn._cache_size() == compiled >= 1  # no new compile for the second evaluation
+    assert again == first
+    want = knn.knn_evaluate(model, params, c.data, "train[:64]", "test[:32]", k=5, batch_size=16, mesh=mesh)
+    assert first == {"knn_top1": want["knn_top1"], "knn_top5": want["knn_top5"]}
+
+
+def test_evaluation_programs_turn_on_the_persistent_compilation_cache(tmp_path):
+    """Every evaluation program's parser sets JAX's persistent compilation cache: the flag's
+    directory, $DINO_JAX_COMPILATION_CACHE by default, the user's cache folder without it,
+    none for ''."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jax; from dino_jax.eval import common; "
+            "common.tool_parser('p', 'd').parse_args(['--checkpoint', 'c'] + sys.argv[1:]); "
+            "print(jax.config.jax_compilation_cache_dir)")
+
+    def cache_dir(args, **env):
+        base = {k: v for k, v in os.environ.items() if k not in ("DINO_JAX_COMPILATION_CACHE", "XDG_CACHE_HOME")}
+        r = subprocess.run([sys.executable, "-c", code] + args, env=base | env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().splitlines()[-1]
+
+    assert cache_dir(["--compilation_cache_dir", str(tmp_path / "a")]) == str(tmp_path / "a")
+    assert cache_dir([], DINO_JAX_COMPILATION_CACHE=str(tmp_path / "b")) == str(tmp_path / "b")
+    assert cache_dir([], XDG_CACHE_HOME=str(tmp_path)) == str(tmp_path / "dino_jax" / "jax_compilation_cache")
+    assert cache_dir([], DINO_JAX_COMPILATION_CACHE="") == "None"
