@@ -154,13 +154,13 @@ def base_config() -> ml_collections.ConfigDict:
     # (seed, example position) as before; the train step then flips, colour-jitters,
     # grays, blurs, solarizes and normalises them in JAX (dino_jax/device_augment.py).
     # Same decisions and formulas; use it when the host CPUs cannot feed the device
-    # (README "Data": which mode on which hardware).
+    # (docs/data.md: which mode on which hardware).
     c.data.device_augment = False     # see the comment above
     # Photometric ops through PIL itself, as the official torchvision transforms run them
     # (uint8 after the resize and after every op, PIL's box-approximated GaussianBlur,
     # PIL's HSV hue shift), on the same random decisions, via tf.numpy_function (slow:
     # holds the GIL; for small images and fidelity checks such as the learning-parity
-    # runs). Off: the float tf/XLA ops (README "Data": documented deviations). Not with
+    # runs). Off: the float tf/XLA ops (docs/data.md: documented deviations). Not with
     # device_augment.
     c.data.pil_ops = False            # see the comment above
 
