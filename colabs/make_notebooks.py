@@ -376,7 +376,11 @@ IMAGE_SIZE = 224           # evaluation transform: resize (256/224 of it) and ce
 BATCH_SIZE = 8
 TOP_K = 4                  # neighbours shown per query
 OFFICIAL_DINO_DIR = ""     # a checkout of facebookresearch/dino (its vision_transformer.py); on Colab
-                           # torch.hub fetches it when this is empty"""),
+                           # torch.hub fetches it when this is empty
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"
+DINOV2_PTH = "dinov2_vits14_reg4_pretrain.pth"  # DINOv2's released ViT-S/14 with 4 registers
+DINOV2_DIR = ""            # a checkout of facebookresearch/dinov2: offline, a random model from its code
+DINOV2_IMAGE_SIZE = 224    # a multiple of the patch size 14; 448 draws finer maps"""),
     ("markdown", "## The backbone"),
     ("code", BACKBONE_CELL),
     ("markdown", "## An image folder"),
@@ -499,6 +503,102 @@ else:
     ax.set_ylabel("dino_jax feature")
     plt.show()
     print(f"max |dino_jax - official| over {features.size} feature values: {max_diff:.3g}")"""),
+    ("markdown", """## DINOv2: patch-feature PCA and the attention of a register model
+A DINOv2 ViT-S/14 with 4 registers (`configs/dinov2_vits14_reg.py`; docs/dinov2.md), converted
+from a dinov2 hub state dict with `python -m dino_jax.convert torch2jax`. The state dict is,
+first found of: the released `dinov2_vits14_reg4_pretrain.pth` (downloaded on Colab); a
+randomly initialised `dinov2_vits14_reg` built by dinov2's own code (`DINOV2_DIR`, or
+`torch.hub` on Colab); a randomly initialised dino_jax model of the same config written in
+the hub layout. A random model shows no objects: the plots then only show what the API returns."""),
+    ("code", """import jax
+from dino_jax import checkpoint, convert
+from dino_jax.models import vit
+
+if DOWNLOAD and not os.path.exists(DINOV2_PTH):
+    urllib.request.urlretrieve(DINOV2_URL, DINOV2_PTH + ".part")
+    os.replace(DINOV2_PTH + ".part", DINOV2_PTH)
+source, DINOV2_CONVERTED = DINOV2_PTH, "dinov2_vits14_reg"
+if not os.path.exists(DINOV2_PTH):
+    DINOV2_CONVERTED = "dinov2_vits14_reg_random"
+if not os.path.exists(DINOV2_PTH) and not checkpoint.is_params_dir(DINOV2_CONVERTED):
+    source = "dinov2_vits14_reg4_random.pth"
+    hub_model = None
+    if importlib.util.find_spec("torch") is not None and (DINOV2_DIR or IN_COLAB):
+        import torch
+        os.environ.setdefault("XFORMERS_DISABLED", "1")  # dinov2's plain PyTorch attention
+        if DINOV2_DIR:
+            sys.path.insert(0, DINOV2_DIR)
+            from dinov2.hub.backbones import dinov2_vits14_reg
+            hub_model = dinov2_vits14_reg(pretrained=False)
+        else:
+            hub_model = torch.hub.load("facebookresearch/dinov2", "dinov2_vits14_reg", pretrained=False)
+    if hub_model is not None:
+        convert.write_pth({k: v.numpy() for k, v in hub_model.state_dict().items()}, source)
+        print(f"NOTE: no {DINOV2_PTH}: a RANDOMLY INITIALISED dinov2_vits14_reg from dinov2's code")
+    else:  # the fields of configs/dinov2_vits14_reg.py, written with the hub's names (.npz: no torch)
+        source = "dinov2_vits14_reg4_random.npz"
+        hub_cfg = dict(vit.ARCHS["vit_small"], patch_size=14, img_size=518, num_register_tokens=4,
+                       layerscale_init=1.0, interpolate_offset=0.0, interpolate_antialias=True, mask_token=True)
+        random_model = vit.VisionTransformer(**hub_cfg)
+        random_params = random_model.init(jax.random.PRNGKey(0), np.zeros((1, 518, 518, 3), np.float32))["params"]
+        np.savez(source, **convert.flax_to_torch_backbone(jax.tree.map(np.asarray, random_params)))
+        print(f"NOTE: no {DINOV2_PTH} and no dinov2 code (DINOV2_DIR): a RANDOMLY INITIALISED "
+              "dino_jax model of configs/dinov2_vits14_reg.py, written with the hub's tensor names")
+if not checkpoint.is_params_dir(DINOV2_CONVERTED):
+    cmd = [sys.executable, "-m", "dino_jax.convert", "torch2jax", "--input", source, "--output", DINOV2_CONVERTED]
+    print("$ python", " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+d2_model, d2_params = checkpoint.load_backbone(DINOV2_CONVERTED)
+print(vit.model_config(d2_model))"""),
+    ("markdown", """`forward_features` returns what dinov2's does: the normalised CLS token, the register
+tokens and the patch tokens. The first three principal components of the patch tokens of
+all photos, mapped to RGB, show which parts of the images the features group together."""),
+    ("code", """originals = [i for i, p in enumerate(paths) if "original" in p] or list(range(min(4, len(paths))))
+d2_inputs = dino_features.load_inputs(IMAGE_DIR, d2_model.patch_size, image_size=DINOV2_IMAGE_SIZE)
+d2_images = np.stack([d2_inputs.get(d2_inputs.paths.index(paths[i])) for i in originals])
+d2_forward = jax.jit(lambda p, x: d2_model.apply({"params": p}, x, return_attention=True,
+                                                 method="forward_features"))
+d2_out = jax.tree.map(np.asarray, d2_forward(d2_params, d2_images))
+patch = d2_out["x_norm_patchtokens"]                    # (B, N, D)
+gh, gw = d2_images.shape[1] // d2_model.patch_size, d2_images.shape[2] // d2_model.patch_size
+flat = patch.reshape(-1, patch.shape[-1])
+flat = flat - flat.mean(0)
+_, _, components = np.linalg.svd(flat, full_matrices=False)
+rgb = flat @ components[:3].T
+rgb = (rgb - rgb.min(0)) / (rgb.max(0) - rgb.min(0) + 1e-8)
+rgb = rgb.reshape(len(originals), gh, gw, 3)
+print("CLS", d2_out["x_norm_clstoken"].shape, "registers", d2_out["x_norm_regtokens"].shape,
+      "patches", patch.shape)
+fig, axes = plt.subplots(2, len(originals), figsize=(3 * len(originals), 6), squeeze=False)
+for col, i in enumerate(originals):
+    axes[0, col].imshow(Image.open(os.path.join(IMAGE_DIR, paths[i])).convert("RGB"))
+    axes[0, col].set_title(os.path.basename(paths[i]), fontsize=8)
+    axes[1, col].imshow(rgb[col], interpolation="nearest")
+    axes[1, col].set_title("patch PCA (3 components)", fontsize=8)
+for ax in axes.flat:
+    ax.axis("off")
+plt.tight_layout()
+plt.show()"""),
+    ("markdown", """The last block's attention of the register model (dinov2's own model cannot return it:
+its attention runs inside xFormers or `scaled_dot_product_attention`). `cls_attention` is the
+CLS query's weights on the patches, per head; the rest of each row goes to the CLS token
+itself and to the registers."""),
+    ("code", """att = d2_out["attention"]                               # (B, heads, 1+R+N, 1+R+N)
+cls_att = d2_out["cls_attention"].reshape(len(originals), -1, gh, gw)
+r = d2_model.num_register_tokens
+on_registers = att[:, :, 0, 1:1 + r].sum(-1)               # (B, heads)
+print(f"CLS attention on the {r} registers, mean over images, per head:", np.round(on_registers.mean(0), 3))
+heads = cls_att.shape[1]
+fig, axes = plt.subplots(len(originals), heads + 1, figsize=(2 * (heads + 1), 2.1 * len(originals)), squeeze=False)
+for row, i in enumerate(originals):
+    axes[row, 0].imshow(Image.open(os.path.join(IMAGE_DIR, paths[i])).convert("RGB"))
+    for h in range(heads):
+        axes[row, h + 1].imshow(cls_att[row, h], cmap="inferno", interpolation="nearest")
+        axes[row, h + 1].set_title(f"head {h}", fontsize=8)
+for ax in axes.flat:
+    ax.axis("off")
+plt.tight_layout()
+plt.show()"""),
 ]
 
 NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "attention_maps.ipynb": ATTENTION,

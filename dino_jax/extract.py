@@ -11,9 +11,10 @@ Writes ``F.npz`` with
   sizes      (N, 2) int32    the (H, W) each image had when it entered the model
   paths      (N,)   str      folder input only: file paths relative to the folder
   attention  (N, heads, H/p, W/p) float32, with --attention: the last block's
-             attention of the CLS token to every patch (``get_last_selfattention``
-             [:, :, 0, 1:], what visualize_attention draws). When the images do not
-             all share one size the maps are stored one per image as
+             attention of the CLS token to every patch (``forward_features``'
+             ``cls_attention``: registers left out; what visualize_attention
+             draws). When the images do not all share one size the maps are
+             stored one per image as
              ``attention/<index>`` (heads, H_i/p, W_i/p).
 
 Inputs. A folder: every image file under it (recursively; .jpg .jpeg .png .bmp

@@ -7,8 +7,9 @@ official visualize_attention.py.
 The image is resized (``--image_size H W``: exactly H x W, bilinear, the
 official default 480 480; one value S: shorter side to S; 0: its own size),
 cropped at the bottom/right to a multiple of the patch size and normalised with
-the ImageNet mean/std. The last block's attention ``[:, 0, 1:]`` (CLS query,
-patch keys) of every head is upsampled to the image by nearest neighbour
+the ImageNet mean/std. The last block's attention of the CLS query on the patch
+keys (``forward_features``' ``cls_attention``; a DINOv2 model's registers left
+out) of every head is upsampled to the image by nearest neighbour
 (each patch becomes a patch-size square). Written to OUT/:
 
   img.png                        the resized, cropped input

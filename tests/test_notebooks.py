@@ -146,6 +146,12 @@ def test_features_and_retrieval_notebook(tmp_path):
     assert "RANDOMLY INITIALISED backbone" in text
     assert re.search(r"^features \(12, 32\) of 12 images", text, re.M)  # 3 photos x 4 copies, width 32
     assert re.search(r"^\d+ of 12 retrieved images are copies", text, re.M)  # 3 queries x top 4
+    # DINOv2 section: a random ViT-S/14 with 4 registers in the hub layout, converted; 3 photos at 224 px.
+    assert "RANDOMLY INITIALISED dino_jax model of configs/dinov2_vits14_reg.py" in text
+    assert "dino_jax.convert torch2jax --input dinov2_vits14_reg4_random.npz" in text
+    assert re.search(r"^CLS \(3, 384\) registers \(3, 4, 384\) patches \(3, 256, 384\)$", text, re.M), text
+    assert re.search(r"^CLS attention on the 4 registers", text, re.M)
+    dinov2_figures = 2  # the patch-feature PCA, the register model's attention maps
     try:
         import torch  # noqa: F401, PLC0415
         have_torch = True
@@ -155,7 +161,7 @@ def test_features_and_retrieval_notebook(tmp_path):
         # Same weights in the official model: features agree to float32 rounding (tolerance 1e-4).
         m = re.search(r"^max \|dino_jax - official\| over 384 feature values: (\S+)$", text, re.M)
         assert m and float(m.group(1)) < 1e-4, text
-        assert count_figures(nb) == 2
+        assert count_figures(nb) == 2 + dinov2_figures
     else:
         assert "comparison with the official PyTorch model skipped" in text
-        assert count_figures(nb) == 1
+        assert count_figures(nb) == 1 + dinov2_figures
