@@ -49,6 +49,7 @@ import zipfile
 
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.eval import common
 
 
@@ -56,13 +57,12 @@ class NpzStreamWriter:
     """An ``.npz`` archive (what ``np.savez`` writes: stored ``<name>.npy`` members) built
     while the data is made: :meth:`begin` opens a member of known shape whose rows are
     then :meth:`append`-ed in order; :meth:`put` adds a whole array. Written to a
-    temporary file and renamed on :meth:`close`, so a failed run leaves no half file."""
+    temporary file and renamed (gs://: uploaded) on :meth:`close`, so a failed run leaves
+    no half file."""
 
     def __init__(self, path: str):
         self.path = path
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+        self.tmp = paths.staging_file(path)
         self.zf = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
         self.member = None
 
@@ -88,7 +88,7 @@ class NpzStreamWriter:
 
     def close(self) -> None:
         self.zf.close()
-        os.replace(self.tmp, self.path)
+        paths.publish(self.tmp, self.path)
 
     def abort(self) -> None:
         if self.member is not None:
@@ -157,9 +157,10 @@ def write_features(model, params, inputs, output: str, batch_size: int = 64, att
 def build_parser() -> argparse.ArgumentParser:
     ap = common.tool_parser("python -m dino_jax.extract", __doc__)
     ap.add_argument("--input", required=True,
-                    help="folder of images (recursive, sorted) or .npz with 'images' (uint8 NHWC 0..255, "
+                    help="folder of images (recursive, sorted; local or gs://) or .npz with 'images' (uint8 NHWC 0..255, "
                          "or float32 NHWC already normalised)")
-    ap.add_argument("--output", required=True, help="output .npz (cls, sizes, [paths], [attention])")
+    ap.add_argument("--output", required=True,
+                    help="output .npz (cls, sizes, [paths], [attention]); local or gs://")
     ap.add_argument("--attention", action="store_true",
                     help="also write the last block's CLS-to-patch attention maps of every head")
     ap.add_argument("--image_size", type=int, nargs="+", default=None, metavar="S",

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.data.files import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, list_images  # noqa: F401
 
 MEAN = np.array(IMAGENET_MEAN, np.float32)
@@ -111,8 +112,8 @@ def load_backbone(path: str, dtype: str = "float32"):
 
 
 def require(path: str, what: str = "file") -> str:
-    """``path`` if it exists, else an EvalError naming it."""
-    if not os.path.exists(path):
+    """``path`` (local or gs://) if it exists, else an EvalError naming it."""
+    if not paths.exists(path):
         raise EvalError(f"missing {what}: {path}")
     return path
 
@@ -124,10 +125,10 @@ def read_image(path: str, mode: str = "RGB"):
     """uint8 (H, W, 3) RGB array of an image file; EvalError naming the path otherwise."""
     from PIL import Image  # noqa: PLC0415
 
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise EvalError(f"no such image: {path}")
     try:
-        with Image.open(path) as im:
+        with Image.open(paths.readable(path)) as im:
             return np.asarray(im.convert(mode), np.uint8)
     except (OSError, ValueError, SyntaxError) as e:
         raise EvalError(f"cannot read image {path}: {error_line(e)}") from e
@@ -137,10 +138,10 @@ def open_image(path: str, mode: str = "RGB"):
     """A loaded PIL image (for tools whose official protocol resizes with PIL)."""
     from PIL import Image  # noqa: PLC0415
 
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise EvalError(f"no such image: {path}")
     try:
-        with Image.open(path) as im:
+        with Image.open(paths.readable(path)) as im:
             return im.convert(mode)
     except (OSError, ValueError, SyntaxError) as e:
         raise EvalError(f"cannot read image {path}: {error_line(e)}") from e
@@ -151,7 +152,7 @@ def image_header_size(path: str) -> tuple[int, int]:
     from PIL import Image  # noqa: PLC0415
 
     try:
-        with Image.open(path) as im:
+        with Image.open(paths.readable(path)) as im:
             w, h = im.size
     except (OSError, ValueError, SyntaxError) as e:
         raise EvalError(f"cannot read image {path}: {error_line(e)}") from e
@@ -206,14 +207,13 @@ def bilinear_matrix(in_size: int, scale: float) -> np.ndarray:
 
 
 def save_npz(path: str, arrays: dict) -> None:
-    """np.savez to a temporary file beside ``path``, then rename (no half-written output)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    """np.savez to a temporary file, then renamed to ``path`` (gs://: uploaded as one
+    object): no half-written output."""
+    tmp = paths.staging_file(path)
     try:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
+        paths.publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax import sharding
+from dino_jax import paths, sharding
 from dino_jax.eval import common
 from dino_jax.eval.common import EvalError
 from dino_jax.models.head import l2_normalize
@@ -112,19 +112,20 @@ def folder_inputs(folder: str, patch: int, image_size: int | None = None,
              [_model_size(common.image_header_size(f), patch, image_size) for f in full])
     prepare = _preparer(patch, image_size, resize_ratio)
     return Inputs(len(full), sizes, lambda i: prepare(common.read_image(full[i])),
-                  [os.path.relpath(f, folder) for f in full])
+                  [f[len(folder.rstrip("/")) + 1:] if paths.is_remote(folder) else os.path.relpath(f, folder)
+                   for f in full])
 
 
 def load_inputs(path: str, patch: int, image_size: int | None = None, resize_ratio: float = 256 / 224) -> Inputs:
     """Inputs of a folder of images or an ``.npz`` holding ``images``."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise EvalError(f"no such input: {path}")
-    if os.path.isdir(path):
+    if paths.isdir(path):
         return folder_inputs(path, patch, image_size, resize_ratio)
     if not path.endswith(".npz"):
         raise EvalError(f"input must be a folder of images or an .npz file with 'images': {path}")
     try:
-        data = np.load(path, allow_pickle=False)
+        data = np.load(paths.readable(path), allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - BadZipFile, pickles, truncation: one line
         raise EvalError(f"cannot read {path} as an .npz file: {common.error_line(e)}") from e
     if not hasattr(data, "files"):

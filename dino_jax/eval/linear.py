@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from functools import partial
@@ -47,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dino_jax import sharding
+from dino_jax import paths, sharding
 from dino_jax.eval import base, common, features
 from dino_jax.models import vit
 
@@ -153,10 +152,10 @@ def evaluate_linear(lin, val: ValSet) -> dict:
 def load_linear_weights(path: str) -> dict:
     """{'weight', 'bias'} from this tool's .npz or an official linear .pth
     (``state_dict`` with ``module.linear.weight``/``bias``)."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"no such linear weights file: {path}")
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as d:
+        with np.load(paths.readable(path), allow_pickle=False) as d:
             sd = {k: np.asarray(d[k]) for k in d.files}
     else:
         from dino_jax import torch_weights  # noqa: PLC0415
@@ -236,8 +235,8 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
     lin = init_linear(jax.random.key(seed), dim, num_labels)
     opt_state = tx.init(lin)
     start_epoch, best_acc, history = 0, 0.0, []
-    ckpt_path = os.path.join(output_dir, CHECKPOINT) if output_dir else None
-    if resume and ckpt_path and os.path.exists(ckpt_path):
+    ckpt_path = paths.join(output_dir, CHECKPOINT) if output_dir else None
+    if resume and ckpt_path and paths.exists(ckpt_path):
         lin, opt_state, start_epoch, best_acc = _restore(ckpt_path, lin, opt_state)
         progress(f"resumed from {ckpt_path} at epoch {start_epoch} (best top-1 so far {best_acc:.2f})")
         if start_epoch:  # the same batches as an uninterrupted run from here on
@@ -272,8 +271,7 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
             log.update({f"test_{k}": v for k, v in stats.items()})
         history.append(log)
         if output_dir and jax.process_index() == 0:
-            with open(os.path.join(output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(log) + "\n")
+            paths.append_text(paths.join(output_dir, "log.txt"), json.dumps(log) + "\n")
             _save(ckpt_path, jax.device_get(lin), jax.device_get(opt_state), epoch + 1, best_acc)
     lin = jax.tree.map(np.asarray, jax.device_get(lin))
     if not stats:  # resumed after the last epoch
@@ -286,8 +284,8 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
 class LinearEvaluator(base.Evaluator):
     """The linear probe as an evaluator: ``linear_top1``/``linear_top5`` (percent, the last
     epoch's validation) and ``linear_best_top1``. ``settings``: the ``config.evals.linear``
-    block (every_epochs, train_split, eval_split, n_last_blocks, avgpool, epochs, batch_size,
-    lr, weight_decay, max_eval_examples); ``options``: the program's extra keyword arguments
+    block (every_epochs, train_split, eval_split, n_last_blocks, avgpool, feature_layout, epochs,
+    batch_size, lr, weight_decay, max_eval_examples); ``options``: the program's extra keyword arguments
     of :func:`linear_evaluate` (output_dir, evaluate_weights, num_labels, val_freq, ...).
     ``last`` holds the whole result of the last run (the classifier included)."""
     name = "linear"
@@ -303,7 +301,7 @@ class LinearEvaluator(base.Evaluator):
             backbone, params, self.data_cfg, s["train_split"], s["eval_split"], int(s["n_last_blocks"]),
             bool(s["avgpool"]), int(s["epochs"]), int(s["batch_size"]), float(s["lr"]), float(s["weight_decay"]),
             seed=self.seed, max_eval_examples=int(s["max_eval_examples"]) or None, progress=self.progress,
-            mesh=self.mesh, **self.options)
+            mesh=self.mesh, feature_layout=str(s["feature_layout"]), **self.options)
         out = {"linear_top1": float(res["acc1"]), "linear_best_top1": float(res["best_acc1"])}
         if "acc5" in res:
             out["linear_top5"] = float(res["acc5"])
@@ -318,7 +316,7 @@ def _save(path, lin, opt_state, epoch, best_acc):
 
 
 def _restore(path, lin, opt_state):
-    with np.load(path, allow_pickle=False) as d:
+    with np.load(paths.readable(path), allow_pickle=False) as d:
         got = {k: np.asarray(d[k]) for k in d.files}
     if got["weight"].shape != lin["weight"].shape:
         raise ValueError(f"{path} holds a classifier of shape {got['weight'].shape}, this run needs "
@@ -393,26 +391,25 @@ def main(argv=None) -> int:
             raise common.EvalError(f"--val_freq must be at least 1, got {a.val_freq}")
         model, params = common.load_backbone(a.checkpoint, a.dtype)
         weights = load_linear_weights(a.linear_weights) if a.evaluate else None
-        os.makedirs(a.output_dir, exist_ok=True)
+        paths.makedirs(a.output_dir)
         settings = dict(every_epochs=0, train_split=a.train_split, eval_split=a.eval_split,
                         n_last_blocks=a.n_last_blocks, avgpool=a.avgpool_patchtokens, epochs=a.epochs,
                         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
-                        max_eval_examples=a.max_eval_examples)
+                        max_eval_examples=a.max_eval_examples, feature_layout=a.feature_layout)
         ev = LinearEvaluator(settings, common.data_config_from_args(a), progress=say, seed=a.seed,
                              num_labels=a.num_labels or None, image_size=a.image_size, val_freq=a.val_freq,
                              output_dir=a.output_dir, evaluate_weights=weights, resume=not a.no_resume,
-                             log_every=a.log_every, feature_layout=a.feature_layout)
+                             log_every=a.log_every)
         ev.run(model, params)
         res = ev.last
         results = {k: res[k] for k in ("acc1", "acc5", "loss", "best_acc1") if k in res}
         if jax.process_index() == 0 and not a.evaluate:
-            common.save_npz(os.path.join(a.output_dir, WEIGHTS), res["linear"])
+            common.save_npz(paths.join(a.output_dir, WEIGHTS), res["linear"])
             cfg = {k: v for k, v in vars(a).items()} | {
                 "model": vit.model_config(model), "feature_dim": res["dim"], "num_labels": res["num_labels"],
                 "results": results, "num_val": res["num_val"]}
-            with open(os.path.join(a.output_dir, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=1, sort_keys=True)
-            say(f"wrote {os.path.join(a.output_dir, WEIGHTS)} and config.json")
+            paths.write_text(paths.join(a.output_dir, "config.json"), json.dumps(cfg, indent=1, sort_keys=True))
+            say(f"wrote {paths.join(a.output_dir, WEIGHTS)} and config.json")
         top5 = f", Top5: {res['acc5']:.2f}" if "acc5" in res else ""
         say(f"Linear classifier result on {res['num_val']} images: Top1: {res['acc1']:.2f}{top5} "
             f"(best top-1 {res['best_acc1']:.2f})")
