@@ -196,6 +196,8 @@ def base_config() -> ml_collections.ConfigDict:
         eval_split="validation",      # split it is scored on
         n_last_blocks=4,              # CLS tokens of the last blocks, concatenated (official: 4 ViT-S, 1 ViT-B)
         avgpool=False,                # add the mean patch token (official: True for ViT-B, with 1 block)
+        feature_layout="dino",        # dino: the official layout; dinov2: DINOv2's evaluation features (CLS
+                                      # tokens of the last blocks, then the pooled patch token, any n_last_blocks)
         epochs=100,                   # official eval_linear default
         batch_size=1024,              # global batch (official 128 per GPU x 8)
         lr=0.001,                     # for batch 256, scaled by batch_size / 256 (official)

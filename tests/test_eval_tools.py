@@ -144,6 +144,13 @@ def test_linear_probe_beats_chance_and_saves_weights(one_patch_ckpt, tmp_path, c
     assert linear.main(argv + ["--evaluate", "--linear_weights", str(out / "linear_weights.npz")]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["acc1"] == pytest.approx(res["acc1"], abs=1e-9)
+    # DINOv2's evaluation features: the 2 CLS tokens, then the pooled patch token (any block count).
+    out2 = tmp_path / "lin_dinov2"
+    argv2 = argv[:-4] + ["--output_dir", str(out2), "--log_every", "0", "--epochs", "1",
+                         "--feature_layout", "dinov2", "--avgpool_patchtokens", "true"]
+    assert linear.main(argv2) == 0
+    capsys.readouterr()
+    assert np.load(out2 / "linear_weights.npz")["weight"].shape == (10, 192)   # 3 x width 64
 
 
 def test_linear_cli_errors(tiny_ckpt, tmp_path, capsys):
