@@ -12,8 +12,9 @@ config gives the same architecture to the DINO trainer:
         --config.data.tfds_data_dir=/path/to/tensorflow_datasets
 
 which trains with DINO's objective (DINOv2's own recipe, with iBOT, KoLeo and its
-data, is not implemented) at DINO's 224 px global crops; the 37 x 37 position grid
-of the 518 px hub model is interpolated to each crop.
+data, is not implemented) at DINO's 224 px global crops and 98 px local crops (DINOv2's
+size for patch 14); the 37 x 37 position grid of the 518 px hub model is interpolated
+to each crop.
 Sized for: feature extraction and evaluation on one GPU or TPU host; a train step's memory per
 chip: python benchmarks/tpu_aot.py --config configs/dinov2_vitb14_reg.py.
 Official result (DINOv2 README, the released weights): 82.0% k-NN, 84.6% linear on
@@ -33,6 +34,7 @@ def get_config():
     c.model.interpolate_antialias = True  # ... with antialiasing
     c.model.mask_token = True         # a parameter of the released weights
     c.model.dtype = "auto"            # bfloat16 on GPU/TPU, float32 on CPU
+    c.data.local_crop_size = 98       # a multiple of the patch (DINOv2's train configs for /14: 98)
     c.data.source = "tfds"
     c.data.tfds_name = "imagenet2012"
     return c

@@ -333,3 +333,35 @@ def test_evaluator_features_of_a_register_model(tmp_path):
         ref = model.apply({"params": params}, xs, return_attention=True, method="forward_features")
         assert _rel(got["cls"], ref["x_norm_clstoken"]) < TOL
         assert got["attention"].shape[-3:] == (meta["num_heads"], h // p, w // p)
+
+
+# --------------------------------------------------------------------------
+# One config per hub backbone, with dinov2/hub/backbones.py's settings.
+# --------------------------------------------------------------------------
+# (width, depth, heads, ffn) of dinov2's vit_small/base/large/giant2 builders and the hub's ffn.
+HUB_ARCHS = {"vits14": (384, 12, 6, "mlp"), "vitb14": (768, 12, 12, "mlp"),
+             "vitl14": (1024, 24, 16, "mlp"), "vitg14": (1536, 40, 24, "swiglu")}
+
+
+@pytest.mark.parametrize("name", [f"dinov2_{a}{r}" for a in HUB_ARCHS for r in ("", "_reg")])
+def test_hub_configs_build_the_hub_backbones(name):
+    """configs/dinov2_*.py build the hub's architecture (patch 14 at 518, LayerScale 1.0,
+    mask token, 4 registers with offset 0 and antialias for _reg, else 0.1 without), with
+    crop sizes the patch divides."""
+    import importlib.util  # noqa: PLC0415
+
+    from dino_jax import train  # noqa: PLC0415
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    backbone = train.build_models(config)[0]
+    width, depth, heads, ffn = HUB_ARCHS[name.split("_")[1]]
+    reg = name.endswith("_reg")
+    assert (backbone.embed_dim, backbone.depth, backbone.num_heads, backbone.ffn) == (width, depth, heads, ffn)
+    assert (backbone.patch_size, backbone.img_size, backbone.layerscale_init, backbone.mask_token) == (14, 518, 1.0, True)
+    assert (backbone.num_register_tokens, backbone.interpolate_offset, backbone.interpolate_antialias) == (
+        (4, 0.0, True) if reg else (0, 0.1, False))
+    assert config.data.global_crop_size % 14 == 0 and config.data.local_crop_size % 14 == 0
