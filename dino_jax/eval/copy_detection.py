@@ -34,6 +34,7 @@ import sys
 
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.eval import base, common, features
 from dino_jax.eval.common import EvalError
 
@@ -65,20 +66,20 @@ def block_map(ids: np.ndarray, positives: list) -> float:
 
 
 def block_files(data_path: str, block: str) -> list[str]:
-    d = os.path.join(data_path, block)
-    return [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".jpg")]
+    d = paths.join(data_path, block)
+    return [paths.join(d, f) for f in paths.listdir(d) if f.endswith(".jpg")]
 
 
 def other_files(folder: str) -> list[str]:
-    return [os.path.join(folder, s) for s in sorted(os.listdir(folder))
+    return [paths.join(folder, s) for s in paths.listdir(folder)
             if s.split(".")[-1] in OTHER_EXTENSIONS]
 
 
 def read_layout(data_path: str) -> dict:
     """{block: files} of the blocks present (original and strong required)."""
     for b in ("original", "strong"):
-        common.require(os.path.join(data_path, b), "Copydays folder")
-    blocks = {b: block_files(data_path, b) for b in BLOCKS if os.path.isdir(os.path.join(data_path, b))}
+        common.require(paths.join(data_path, b), "Copydays folder")
+    blocks = {b: block_files(data_path, b) for b in BLOCKS if paths.isdir(paths.join(data_path, b))}
     if not blocks["original"]:
         raise EvalError(f"no .jpg images in {os.path.join(data_path, 'original')}")
     n = len(blocks["original"])
@@ -181,7 +182,7 @@ def evaluate(backbone, params, data_path: str, whitening_path: str = "", distrac
     is the paper's number)."""
     blocks = read_layout(data_path)
     for p, what in ((whitening_path, "whitening folder"), (distractors_path, "distractors folder")):
-        if p and not os.path.isdir(p):
+        if p and not paths.isdir(p):
             raise EvalError(f"missing {what}: {p}")
     feats = {b: gem_features(backbone, params, files, imsize, batch_size) for b, files in blocks.items()}
     database = feats["original"]

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import sys
 
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.eval import base, common, features
 from dino_jax.eval.common import EvalError
 
@@ -122,11 +122,10 @@ def read_dataset(data_path: str, dataset: str) -> dict:
     checked against the image folder."""
     if dataset not in DATASETS:
         raise EvalError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    root = os.path.join(data_path, dataset)
-    gnd_path = common.require(os.path.join(root, f"gnd_{dataset}.pkl"), "ground-truth file")
+    root = paths.join(data_path, dataset)
+    gnd_path = common.require(paths.join(root, f"gnd_{dataset}.pkl"), "ground-truth file")
     try:
-        with open(gnd_path, "rb") as f:
-            cfg = pickle.load(f)
+        cfg = pickle.loads(paths.read_bytes(gnd_path))
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
         raise EvalError(f"cannot read {gnd_path}: {common.error_line(e)}") from e
     if not isinstance(cfg, dict) or any(k not in cfg for k in ("imlist", "qimlist", "gnd")):
@@ -136,9 +135,9 @@ def read_dataset(data_path: str, dataset: str) -> dict:
     for i, g in enumerate(cfg["gnd"]):
         if not all(k in g for k in ("easy", "hard", "junk")):
             raise EvalError(f"{gnd_path}: ground truth of query {i} lacks easy/hard/junk")
-    img_dir = common.require(os.path.join(root, "jpg"), "image folder")
-    cfg["db_paths"] = [os.path.join(img_dir, n + ".jpg") for n in cfg["imlist"]]
-    cfg["query_paths"] = [os.path.join(img_dir, n + ".jpg") for n in cfg["qimlist"]]
+    img_dir = common.require(paths.join(root, "jpg"), "image folder")
+    cfg["db_paths"] = [paths.join(img_dir, n + ".jpg") for n in cfg["imlist"]]
+    cfg["query_paths"] = [paths.join(img_dir, n + ".jpg") for n in cfg["qimlist"]]
     for p in cfg["db_paths"] + cfg["query_paths"]:
         common.require(p, "image")
     return cfg
