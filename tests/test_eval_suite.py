@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -98,7 +99,6 @@ def test_retrieval_matches_official(name, tmp_path, capsys):
 
 def test_retrieval_layout_errors(tmp_path, capsys):
     ckpt_model = vit.VisionTransformer(patch_size=8, embed_dim=16, depth=1, num_heads=2, img_size=32)
-    import jax
     import jax.numpy as jnp
 
     params = ckpt_model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))["params"]
@@ -163,7 +163,6 @@ def test_copy_detection_matches_official(name, tmp_path, capsys):
 
 def test_copy_detection_layout_errors(tmp_path, capsys):
     model = vit.VisionTransformer(patch_size=8, embed_dim=16, depth=1, num_heads=2, img_size=32)
-    import jax
     import jax.numpy as jnp
 
     params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))["params"]
@@ -263,7 +262,6 @@ def test_davis_measures_follow_their_definitions():
 
 def test_video_segmentation_layout_errors(tmp_path, capsys):
     model = vit.VisionTransformer(patch_size=8, embed_dim=16, depth=1, num_heads=2, img_size=32)
-    import jax
     import jax.numpy as jnp
 
     params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))["params"]
@@ -328,7 +326,6 @@ def test_training_runs_config_evals_each_epoch_and_export_step(tmp_path, capsys)
     finally:
         ck.close()
     assert 2 in steps and cfg["embed_dim"] == 16
-    import jax
 
     want = jax.tree.map(np.asarray, tree["teacher"]["backbone"])
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params["backbone"]), want)
@@ -458,3 +455,45 @@ def test_two_processes_run_one_periodic_evaluation(name, tmp_path):
     one = knn.KnnEvaluator(c.evals.knn, c.data, mesh=sharding.make_mesh(1)).run(model, params)
     assert res["knn_top1"] == pytest.approx(one["knn_top1"], abs=1e-9)
     assert res["knn_top5"] == pytest.approx(one["knn_top5"], abs=1e-9)
+
+
+def test_linear_probe_runs_periodically_from_one_source(monkeypatch):
+    """evals.linear builds the linear probe as a periodic evaluator: 3 epochs read one
+    training source (re-shuffled per epoch, built once), and the validation top-1/top-5 and
+    loss scored on the device equal NumPy's on the same classifier and features."""
+    from dino_jax import config_defaults, sharding
+    from dino_jax.data import pipeline
+    from dino_jax.eval import linear, periodic
+
+    model = vit.VisionTransformer(patch_size=7, embed_dim=16, depth=1, num_heads=2, img_size=28)
+    params = model.init({"params": jax.random.key(0)}, np.zeros((1, 28, 28, 3), np.float32))["params"]
+    c = config_defaults.base_config()
+    c.data.update(dict(source="fashion_mnist", path="/usr/share/datasets/fashion-mnist", eval_image_size=28,
+                       eval_resize_ratio=1.0))
+    c.evals.linear.update(dict(every_epochs=2, train_split="train[:120]", eval_split="test[:50]", n_last_blocks=1,
+                               epochs=3, batch_size=40, lr=0.5))
+    made = []
+    create = pipeline.create_supervised_train_iterator
+    monkeypatch.setattr(pipeline, "create_supervised_train_iterator",
+                        lambda *a, **k: made.append(a) or create(*a, **k))
+    evaluators = periodic.build(c, sharding.make_mesh(1))
+    assert list(evaluators) == ["linear"]
+    assert periodic.run_due(evaluators, model, params, epochs_done=1) == {}
+    res = periodic.run_due(evaluators, model, params, epochs_done=2)
+    assert len(made) == 1 and evaluators["linear"].last["epochs_run"] == 3
+    assert set(res) == {"linear_top1", "linear_top5", "linear_best_top1"}
+    assert res["linear_best_top1"] >= res["linear_top1"]
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(37, 6)).astype(np.float32)
+    labels = rng.integers(0, 7, 37)
+    lin = {"weight": rng.normal(size=(7, 6)).astype(np.float32), "bias": np.zeros(7, np.float32)}
+    lin["weight"][3] = lin["weight"][4]  # tied logits: the lower class first, as a stable sort
+    got = linear.evaluate_linear(lin, linear.ValSet(feats, labels))
+    logits = (feats.astype(np.float64) @ lin["weight"].T.astype(np.float64))
+    order = np.argsort(-logits, axis=1, kind="stable")
+    z = logits - logits.max(1, keepdims=True)
+    nll = -(z - np.log(np.exp(z).sum(1, keepdims=True)))[np.arange(37), labels]
+    assert got["acc1"] == pytest.approx(100 * np.mean(order[:, 0] == labels), abs=1e-9)
+    assert got["acc5"] == pytest.approx(100 * np.mean((order[:, :5] == labels[:, None]).any(1)), abs=1e-9)
+    assert got["loss"] == pytest.approx(nll.mean(), rel=1e-5)
