@@ -34,14 +34,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import math
-import os
 import sys
 import tempfile
 
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.eval import base, common, features
 from dino_jax.eval.common import EvalError
 from dino_jax.models.head import l2_normalize
@@ -127,10 +128,10 @@ def read_seg(path: str, patch: int, scale_size: int = 480):
     """(one-hot (C, th/p, tw/p) float32 of the first annotation, the annotation (H, W) uint8)."""
     from PIL import Image  # noqa: PLC0415
 
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise EvalError(f"missing annotation: {path}")
     try:
-        with Image.open(path) as im:
+        with Image.open(paths.readable(path)) as im:
             seg = im.copy()
     except (OSError, ValueError, SyntaxError) as e:
         raise EvalError(f"cannot read annotation {path}: {common.error_line(e)}") from e
@@ -146,20 +147,19 @@ def read_seg(path: str, patch: int, scale_size: int = 480):
 
 def read_davis(data_path: str, max_videos: int = 0) -> list:
     """[(video, frame paths, annotation dir)] of ImageSets/2017/val.txt."""
-    lst = common.require(os.path.join(data_path, "ImageSets", "2017", "val.txt"), "video list")
-    with open(lst) as f:
-        videos = [v.strip() for v in f if v.strip()]
+    lst = common.require(paths.join(data_path, "ImageSets", "2017", "val.txt"), "video list")
+    videos = [v.strip() for v in paths.read_text(lst).splitlines() if v.strip()]
     if not videos:
         raise EvalError(f"{lst} names no video")
     if max_videos:
         videos = videos[:max_videos]
     out = []
     for v in videos:
-        vdir = common.require(os.path.join(data_path, "JPEGImages", "480p", v), "frame folder")
-        frames = sorted(os.path.join(vdir, f) for f in os.listdir(vdir) if f.endswith(".jpg"))
+        vdir = common.require(paths.join(data_path, "JPEGImages", "480p", v), "frame folder")
+        frames = sorted(paths.join(vdir, f) for f in paths.listdir(vdir) if f.endswith(".jpg"))
         if not frames:
             raise EvalError(f"no .jpg frames in {vdir}")
-        adir = common.require(os.path.join(data_path, "Annotations", "480p", v), "annotation folder")
+        adir = common.require(paths.join(data_path, "Annotations", "480p", v), "annotation folder")
         out.append((v, frames, adir))
     return out
 
@@ -169,7 +169,12 @@ def imwrite_indexed(path: str, array: np.ndarray, palette: np.ndarray) -> None:
 
     im = Image.fromarray(array)
     im.putpalette(palette.ravel())
-    im.save(path, format="PNG")
+    if paths.is_remote(path):  # one object per frame
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        paths.write_bytes(path, buf.getvalue())
+    else:
+        im.save(path, format="PNG")
 
 
 # --------------------------------------------------------------------------
@@ -263,7 +268,7 @@ def segment_video(model, params, frames: list, first_seg: np.ndarray, seg_ori: n
     feature_fn = feature_fn or make_feature_fn(model)
     propagate = propagate or jax.jit(_propagate_impl, static_argnames=("topk",))
     p = model.patch_size
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     x, _, _ = read_frame(frames[0], scale_size)
     h, w = x.shape[0] // p, x.shape[1] // p
     if first_seg.shape[1:] != (h, w):
@@ -271,7 +276,7 @@ def segment_video(model, params, frames: list, first_seg: np.ndarray, seg_ori: n
                         f"grid, the frame a {h}x{w} patch grid")
     first_feat = feature_fn(params, common.crop_to_patch_multiple(x, p))
     first = first_seg.reshape(first_seg.shape[0], -1)
-    imwrite_indexed(os.path.join(out_dir, "00000.png"), seg_ori, palette)
+    imwrite_indexed(paths.join(out_dir, "00000.png"), seg_ori, palette)
     # The neighbourhood mask goes to the device once per video.
     mask = (jax.device_put(neighbourhood_mask(h, w, size_mask_neighborhood))
             if size_mask_neighborhood > 0 else None)
@@ -297,7 +302,7 @@ def segment_video(model, params, frames: list, first_seg: np.ndarray, seg_ori: n
         up = norm_mask(upsample_labels(seg.reshape(-1, h, w), p))
         labels = np.argmax(up, axis=0).astype(np.uint8)
         labels = np.asarray(Image.fromarray(labels).resize((ori_w, ori_h), 0))
-        imwrite_indexed(os.path.join(out_dir, os.path.basename(path)[:-4] + ".png"), labels, palette)
+        imwrite_indexed(paths.join(out_dir, paths.basename(path)[:-4] + ".png"), labels, palette)
 
 
 # --------------------------------------------------------------------------
@@ -358,10 +363,10 @@ def boundary_f(gt: np.ndarray, pred: np.ndarray, bound_th: float = 0.008) -> flo
 def read_mask(path: str) -> np.ndarray:
     from PIL import Image  # noqa: PLC0415
 
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise EvalError(f"missing mask: {path}")
     try:
-        with Image.open(path) as im:
+        with Image.open(paths.readable(path)) as im:
             return np.asarray(im if im.mode in ("P", "L") else im.convert("L"), np.uint8)
     except (OSError, ValueError, SyntaxError) as e:
         raise EvalError(f"cannot read mask {path}: {common.error_line(e)}") from e
@@ -369,8 +374,8 @@ def read_mask(path: str) -> np.ndarray:
 
 def score_video(gt_dir: str, pred_dir: str, frame_names: list) -> tuple[list, list]:
     """Per-object mean J and mean F of one video over its frames except the first and last."""
-    gts = [read_mask(os.path.join(gt_dir, n + ".png")) for n in frame_names]
-    preds = [read_mask(os.path.join(pred_dir, n + ".png")) for n in frame_names]
+    gts = [read_mask(paths.join(gt_dir, n + ".png")) for n in frame_names]
+    preds = [read_mask(paths.join(pred_dir, n + ".png")) for n in frame_names]
     objects = [o for o in np.unique(gts[0]) if o not in (0, 255)]
     idx = range(1, len(frame_names) - 1) if len(frame_names) > 2 else range(1, len(frame_names))
     j_obj, f_obj = [], []
@@ -386,8 +391,8 @@ def jf_scores(data_path: str, output_dir: str, videos: list) -> dict:
     """{'davis_j_mean', 'davis_f_mean', 'davis_jf_mean'} (percent) over all objects of ``videos``."""
     js, fs = [], []
     for v, frames, adir in videos:
-        names = [os.path.basename(f)[:-4] for f in frames]
-        j, f = score_video(adir, os.path.join(output_dir, v), names)
+        names = [paths.basename(f)[:-4] for f in frames]
+        j, f = score_video(adir, paths.join(output_dir, v), names)
         js += j
         fs += f
     if not js:
@@ -413,9 +418,9 @@ def evaluate(backbone, params, data_path: str, output_dir: str = "", n_last_fram
         for i, (v, frames, adir) in enumerate(videos):
             if progress:
                 progress(f"[{i}/{len(videos)}] segmenting {v} ({len(frames)} frames)")
-            first_seg, seg_ori = read_seg(os.path.join(adir, os.path.basename(frames[0])[:-4] + ".png"),
+            first_seg, seg_ori = read_seg(paths.join(adir, paths.basename(frames[0])[:-4] + ".png"),
                                           backbone.patch_size, scale_size)
-            segment_video(backbone, params, frames, first_seg, seg_ori, os.path.join(output_dir, v), n_last_frames,
+            segment_video(backbone, params, frames, first_seg, seg_ori, paths.join(output_dir, v), n_last_frames,
                           size_mask_neighborhood, topk, scale_size, feature_fn=feature_fn, propagate=propagate)
         return jf_scores(data_path, output_dir, videos)
     finally:
