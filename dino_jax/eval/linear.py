@@ -263,7 +263,7 @@ def linear_evaluate(model, params, data_cfg, train_split="train", eval_split="te
                          f"({time.time() - t0:.0f}s)")
         log = {"train_loss": float(np.mean([float(x) for x in losses])), "train_lr": e_lr, "epoch": epoch}
         if epoch % val_freq == 0 or epoch == epochs - 1:
-            stats = evaluate_linear(lin, val)
+            stats = evaluate_linear(jax.device_get(lin), val)  # host copy: several processes hold lin
             best_acc = max(best_acc, stats["acc1"])
             progress(f"Accuracy at epoch {epoch} of the network on the {len(val_labels)} test images: "
                      f"{stats['acc1']:.1f}% (top-5 {stats.get('acc5', float('nan')):.1f}%, "
