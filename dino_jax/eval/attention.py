@@ -11,10 +11,11 @@ threshold masks (the library behind ``python -m dino_jax.visualize_attention``).
 """
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.eval import common
 
 # matplotlib's viridis at 0, 1/8, ..., 1 (linearly interpolated between), so the
@@ -82,7 +83,12 @@ def cls_attention(model, params, image_uint8: np.ndarray) -> np.ndarray:
 def save_png(path: str, array: np.ndarray) -> None:
     from PIL import Image  # noqa: PLC0415
 
-    Image.fromarray(array).save(path)
+    if paths.is_remote(path):  # one object per image
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        paths.write_bytes(path, buf.getvalue())
+    else:
+        Image.fromarray(array).save(path)
 
 
 def visualize(model, params, image: np.ndarray, output_dir: str, image_size=(480, 480),
@@ -95,28 +101,28 @@ def visualize(model, params, image: np.ndarray, output_dir: str, image_size=(480
     masks = None
     if threshold is not None:
         masks = threshold_masks(attn.reshape(heads, -1), threshold).reshape(heads, h, w)
-    os.makedirs(output_dir, exist_ok=True)
-    save_png(os.path.join(output_dir, "img.png"), img)
-    progress(f"{os.path.join(output_dir, 'img.png')} saved ({img.shape[0]}x{img.shape[1]}, "
+    paths.makedirs(output_dir)
+    save_png(paths.join(output_dir, "img.png"), img)
+    progress(f"{paths.join(output_dir, 'img.png')} saved ({img.shape[0]}x{img.shape[1]}, "
              f"{h}x{w} patches of {p})")
     up = upsample(attn, p)
     for j in range(heads):
-        fname = os.path.join(output_dir, f"attn-head{j}.png")
+        fname = paths.join(output_dir, f"attn-head{j}.png")
         save_png(fname, colorize(up[j]))
         progress(f"{fname} saved.")
     if masks is not None:
         up_m = upsample(masks, p)
         for j in range(heads):
-            fname = os.path.join(output_dir, f"mask_th{threshold}_head{j}.png")
+            fname = paths.join(output_dir, f"mask_th{threshold}_head{j}.png")
             save_png(fname, (up_m[j] * 255).astype(np.uint8))
             tint = _TINTS[j % len(_TINTS)]
             over = np.where(up_m[j][..., None], 0.5 * img + 0.5 * tint, 0.6 * img)
-            save_png(os.path.join(output_dir, f"overlay_th{threshold}_head{j}.png"),
+            save_png(paths.join(output_dir, f"overlay_th{threshold}_head{j}.png"),
                      np.round(over).astype(np.uint8))
             progress(f"{fname} saved ({int(masks[j].sum())} of {h * w} patches keep "
                      f"{100 * attn[j][masks[j]].sum() / attn[j].sum():.1f}% of the attention).")
     extra = {"masks": masks, "threshold": np.float64(threshold)} if masks is not None else {}
-    common.save_npz(os.path.join(output_dir, "attention.npz"),
+    common.save_npz(paths.join(output_dir, "attention.npz"),
                  {"attention": attn, "patch_size": np.int32(p), **extra})
     return {"attention": attn, "masks": masks, "image": img}
 
