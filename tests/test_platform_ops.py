@@ -137,6 +137,66 @@ def test_attention_forms_match_official_and_its_gradient(num_heads, hd):
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
 
 
+def test_layer_norm_forms_match_torch_layer_norm_and_its_gradient():
+    """cpu_layer_norm (row means as products, closed-form backward) and the generic
+    vit.layer_norm_formula each equal torch.nn.functional.layer_norm in float64 autograd,
+    value and the gradients of x, scale and bias, to 1e-5 of the largest entry (rows
+    with a large mean, where E[x^2] - mean^2 would lose digits); vit.LayerNorm has
+    nn.LayerNorm's parameters and, with a bfloat16 input, its values to bf16 rounding."""
+    torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
+    import flax.linen as nn
+    rng = np.random.default_rng(0)
+    b, n, d = 3, 11, 48
+    x = (20 + 3 * rng.normal(size=(b, n, d))).astype(np.float32)
+    scale = (1 + 0.3 * rng.normal(size=d)).astype(np.float32)
+    bias = (0.2 * rng.normal(size=d)).astype(np.float32)
+    g = rng.normal(size=(b, n, d)).astype(np.float32)
+    args = [jnp.asarray(a) for a in (x, scale, bias)]
+    ts = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, scale, bias)]
+    ot = torch.nn.functional.layer_norm(ts[0], (d,), ts[1], ts[2], 1e-6)
+    (ot * torch.tensor(g, dtype=torch.float64)).sum().backward()
+    for fn in (platform_ops.cpu_layer_norm, vit.layer_norm_formula):
+        out, vjp = jax.vjp(lambda *a: fn(*a, 1e-6, jnp.float32), *args)
+        grads = vjp(jnp.asarray(g))
+        for got, want in [(out, ot.detach().numpy())] + [(gr, t.grad.numpy()) for gr, t in zip(grads, ts)]:
+            assert got.shape == want.shape and got.dtype == jnp.float32
+            np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    ref = nn.LayerNorm(epsilon=1e-6, dtype=jnp.bfloat16, param_dtype=jnp.float32, use_fast_variance=False)
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    params = {"params": {"scale": args[1], "bias": args[2]}}
+    want = np.asarray(ref.apply(params, x16), np.float32)
+    for form in ("cpu", "generic"):
+        mod = vit.LayerNorm(1e-6, jnp.bfloat16, form)
+        assert jax.tree.map(jnp.shape, mod.init(jax.random.PRNGKey(0), x16)) == jax.tree.map(jnp.shape, params)
+        got = mod.apply(params, x16)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("d_in,d_out", [(24, 96), (96, 24), (32, 32)])
+def test_cpu_linear_equals_the_product_and_its_gradients(d_in, d_out):
+    """cpu_linear (nn.Dense's product in the CPU form) gives the value and gradients of
+    the plain ``x @ w`` to float32 rounding (float64 numpy as the judge: 1e-5 of the
+    largest entry), and in the compiled CPU program its weight gradient is one
+    (narrower, wider) product over the merged (batch, token) rows."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 50, d_in)).astype(np.float32)
+    w = rng.normal(size=(d_in, d_out)).astype(np.float32) / np.sqrt(d_in)
+    g = rng.normal(size=(4, 50, d_out)).astype(np.float32)
+    y, vjp = jax.vjp(platform_ops.cpu_linear, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
+    for got, want in [(y, x64 @ w64), (dx, g64 @ w64.T),
+                      (dw, x64.reshape(-1, d_in).T @ g64.reshape(-1, d_out))]:
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    weight_grad = jax.jit(lambda a, c: jax.vjp(platform_ops.cpu_linear, a, jnp.asarray(w))[1](c)[1],
+                          compiler_options=train.step_compiler_options("cpu"))
+    hlo = weight_grad.lower(x, g).compile().as_text()
+    dot_shapes = re.findall(r"= f32\[(\d+),(\d+)\]\{1,0\} dot\(", hlo)
+    assert (str(min(d_in, d_out)), str(max(d_in, d_out))) in dot_shapes, dot_shapes
+
+
 def test_materialize_cotangent_is_the_identity_and_passes_its_gradient():
     """cpu_materialize_cotangent changes neither the value nor the gradient."""
     x = jax.random.normal(jax.random.key(0), (3, 5, 8))

@@ -68,7 +68,7 @@ class DINOHead(nn.Module):
         x = x.astype(self.dtype)
         act = ops.select(self.platform_ops, gelu, ops.cpu_gelu)
         for i, d in enumerate(dims):
-            x = dense(d, self.dtype, f"mlp_{i}")(x)
+            x = dense(d, self.dtype, f"mlp_{i}", platform_ops=self.platform_ops)(x)
             if i < len(dims) - 1:
                 x = act(x)
         x = l2_normalize(x.astype(jnp.float32))

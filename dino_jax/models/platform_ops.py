@@ -74,6 +74,89 @@ cpu_gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 @jax.custom_vjp
+def cpu_linear(x, kernel):
+    """``x @ kernel`` over the last axis of ``x``, as ``nn.Dense`` computes, with a backward
+    that forms the weight gradient ``x^T g`` from the (batch, token)-merged operands, the
+    narrower of ``x`` and ``g`` on the left: XLA:CPU's matmul library runs a
+    token-contracting product at a speed set by the width of its right operand. Where
+    the narrower one is ``g`` the small (out, in) product is transposed afterwards,
+    behind an optimisation barrier (XLA would fold the transpose back into the dot by
+    swapping its operands)."""
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _linear_fwd(x, kernel):
+    return cpu_linear(x, kernel), (x, kernel)
+
+
+def _linear_bwd(res, g):
+    x, kernel = res
+    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if x2.shape[-1] <= g2.shape[-1]:  # dW = x^T g
+        dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
+    else:  # dW = (g^T x)^T
+        dw = jax.lax.optimization_barrier(jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())))).T
+    return dx, dw.astype(kernel.dtype)
+
+
+cpu_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def dense_dot_general(platform_ops: str) -> Callable:
+    """The ``dot_general`` that ``nn.Dense`` calls, in the form ``platform_ops`` selects:
+    ``jax.lax.dot_general`` or :func:`cpu_linear` (the same product)."""
+    def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+        def generic(x, kernel):
+            return jax.lax.dot_general(x, kernel, dimension_numbers, precision,
+                                       preferred_element_type=preferred_element_type)
+        return select(platform_ops, generic, cpu_linear)(x, kernel)
+    return dot_general
+
+
+def _row_mean(x):
+    """Mean over the last axis, kept, as a matrix-vector product with a ``1/D`` vector
+    (float32): XLA:CPU's matmul library then reads the rows once, where a reduction
+    became a fusion fed with materialised (rows, D) broadcasts of the statistics. The
+    two differ by float32 rounding (``1/D`` is inexact)."""
+    w = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def cpu_layer_norm(x, scale, bias, eps: float, dtype):
+    """LayerNorm over the last axis as ``nn.LayerNorm(use_fast_variance=False)`` computes
+    it (statistics in float32, ``(x - mean) * (rsqrt(var + eps) * scale) + bias``, cast
+    once to ``dtype``), its row means as :func:`_row_mean` products, and the closed-form
+    backward ``dx = rstd * (gs - mean(gs) - xhat * mean(gs * xhat))`` (``gs = g * scale``)
+    from the saved input, mean and rstd, where autodiff differentiates each step."""
+    return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps, dtype):
+    x32 = x.astype(jnp.float32)
+    mean = _row_mean(x32)
+    xc = x32 - mean
+    rstd = jax.lax.rsqrt(_row_mean(xc * xc) + eps)
+    y = xc * (rstd * scale) + bias
+    return y.astype(dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, dtype, res, g):
+    del eps, dtype
+    x, mean, rstd, scale = res
+    g = g.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    gs = g * scale
+    dx = rstd * (gs - _row_mean(gs) - xhat * _row_mean(gs * xhat))
+    lead = tuple(range(x.ndim - 1))
+    return dx.astype(x.dtype), jnp.sum(g * xhat, lead), jnp.sum(g, lead)
+
+
+cpu_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@jax.custom_vjp
 def cpu_materialize_cotangent(x):
     """Identity whose gradient is materialised (an optimisation barrier on the cotangent).
 

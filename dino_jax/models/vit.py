@@ -161,16 +161,43 @@ def interpolate_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int, image_
 # --------------------------------------------------------------------------
 # Modules.
 # --------------------------------------------------------------------------
-def dense(features: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
+def dense(features: int, dtype: Dtype, name: str, use_bias: bool = True,
+          platform_ops: str = "auto") -> nn.Dense:
     """The official Linear: trunc-normal(0.02) weight, zero bias, float32 parameters."""
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=trunc_normal_init(0.02), name=name)
+                    kernel_init=trunc_normal_init(0.02),
+                    dot_general=ops.dense_dot_general(platform_ops), name=name)
 
 
-def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
-    """The official ``nn.LayerNorm(D, eps)``: statistics in float32, exact variance."""
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
+def layer_norm_formula(x, scale, bias, eps: float, dtype: Dtype):
+    """LayerNorm over the last axis as ``nn.LayerNorm(use_fast_variance=False)`` and torch
+    compute it: statistics in float32, exact variance, one cast to ``dtype``."""
+    x32 = x.astype(jnp.float32)
+    xc = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xc), axis=-1, keepdims=True)
+    return (xc * (jax.lax.rsqrt(var + eps) * scale) + bias).astype(dtype)
+
+
+class LayerNorm(nn.Module):
+    """The official ``nn.LayerNorm(D, eps)``, with ``nn.LayerNorm``'s parameters
+    (float32 ``scale`` ones, ``bias`` zeros); output in ``dtype``."""
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    platform_ops: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        dtype = jnp.dtype(self.dtype)
+        return ops.select(self.platform_ops,
+                          lambda x, s, b: layer_norm_formula(x, s, b, self.eps, dtype),
+                          lambda x, s, b: ops.cpu_layer_norm(x, s, b, self.eps, dtype))(x, scale, bias)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str, platform_ops: str = "auto") -> LayerNorm:
+    return LayerNorm(eps, dtype, platform_ops, name=name)
 
 
 def gelu(x):
@@ -219,7 +246,7 @@ class Attention(nn.Module):
     def __call__(self, x, return_attention: bool = False, cls_only: bool = False):
         """(out, attention or None). ``cls_only``: the CLS token's query alone (keys and
         values from all tokens), out (B, 1, C): the CLS row of the full output."""
-        qkv = dense(3 * self.dim, self.dtype, "qkv", self.qkv_bias)(x)
+        qkv = dense(3 * self.dim, self.dtype, "qkv", self.qkv_bias, self.platform_ops)(x)
         attn = None
         if self.fused or cls_only or return_attention:
             q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
@@ -233,7 +260,7 @@ class Attention(nn.Module):
         else:
             out = ops.select(self.platform_ops, lambda t: attention_core(t, self.num_heads),
                              lambda t: ops.cpu_attention(t, self.num_heads))(qkv)
-        out = dense(self.dim, self.dtype, "proj")(out)
+        out = dense(self.dim, self.dtype, "proj", platform_ops=self.platform_ops)(out)
         return out, attn
 
 
@@ -246,9 +273,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        x = dense(self.hidden_dim, self.dtype, "fc1")(x)
+        x = dense(self.hidden_dim, self.dtype, "fc1", platform_ops=self.platform_ops)(x)
         x = ops.select(self.platform_ops, gelu, ops.cpu_gelu)(x)
-        return dense(d, self.dtype, "fc2")(x)
+        return dense(d, self.dtype, "fc2", platform_ops=self.platform_ops)(x)
 
 
 class LayerScale(nn.Module):
@@ -271,12 +298,14 @@ class SwiGLU(nn.Module):
     """DINOv2's fused SwiGLU feed-forward block (ViT-g): w12, silu(x1) * x2, w3."""
     hidden_dim: int
     dtype: Dtype = jnp.float32
+    platform_ops: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        x1, x2 = jnp.split(dense(2 * self.hidden_dim, self.dtype, "w12")(x), 2, axis=-1)
-        return dense(d, self.dtype, "w3")(nn.silu(x1) * x2)
+        x1, x2 = jnp.split(dense(2 * self.hidden_dim, self.dtype, "w12", platform_ops=self.platform_ops)(x),
+                           2, axis=-1)
+        return dense(d, self.dtype, "w3", platform_ops=self.platform_ops)(nn.silu(x1) * x2)
 
 
 FFNS = ("mlp", "swiglu")
@@ -304,7 +333,7 @@ class Block(nn.Module):
         x = ops.select(self.platform_ops, lambda x: x, ops.cpu_materialize_cotangent)(x)
         y, attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.dtype, self.fused_attention,
                             self.platform_ops, name="attn")(
-            layer_norm(self.eps, self.dtype, "norm1")(x), return_attention, cls_only)
+            layer_norm(self.eps, self.dtype, "norm1", self.platform_ops)(x), return_attention, cls_only)
         if cls_only:
             x = x[:, :1]
         if self.layerscale_init:
@@ -312,10 +341,10 @@ class Block(nn.Module):
         drop = DropPath(self.drop_path, name="drop_path")
         x = x + drop(y, train)
         if self.ffn == "swiglu":
-            ffn = SwiGLU(swiglu_hidden(self.dim, self.mlp_ratio), self.dtype, name="mlp")
+            ffn = SwiGLU(swiglu_hidden(self.dim, self.mlp_ratio), self.dtype, self.platform_ops, name="mlp")
         else:
             ffn = Mlp(int(self.dim * self.mlp_ratio), self.dtype, self.platform_ops, name="mlp")
-        y = ffn(layer_norm(self.eps, self.dtype, "norm2")(x))
+        y = ffn(layer_norm(self.eps, self.dtype, "norm2", self.platform_ops)(x))
         if self.layerscale_init:
             y = LayerScale(self.layerscale_init, name="ls2")(y)
         x = x + drop(y, train)
@@ -380,7 +409,7 @@ class VisionTransformer(nn.Module):
                 layerscale_init=self.layerscale_init, ffn=self.ffn, name=f"blocks_{i}")
             for i in range(self.depth)
         ]
-        self.norm = layer_norm(self.layer_norm_eps, self.dtype, "norm")
+        self.norm = layer_norm(self.layer_norm_eps, self.dtype, "norm", self.platform_ops)
 
     def prepare_tokens(self, x, masks=None):
         """(B, 1+R+N, D): CLS, the registers, the patches; position embedding on CLS and
