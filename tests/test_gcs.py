@@ -266,6 +266,30 @@ def test_data_position_resumes_the_same_global_batches_on_another_host_count(tmp
         it(3, state=state)
 
 
+def test_image_list_and_init_from_on_gs(gcs_emulator, bucket):
+    """An image list in the bucket (paths relative to its folder) is read through the path
+    layer, images included; a params dir written to gs:// is what ``init_from`` reads."""
+    import ml_collections  # noqa: PLC0415
+
+    from dino_jax import warm_start  # noqa: PLC0415
+    from dino_jax.data.sources import make_source  # noqa: PLC0415
+
+    paths.write_text(f"{bucket}/images/train/list.txt", "# two images\n003.png\n\n005.png\n")
+    src = make_source(ml_collections.ConfigDict({"source": "image_folder",
+                                                 "path": f"{bucket}/images/train/list.txt"}), "train")
+    assert src.num_examples == 2 and src.describe(1) == f"{bucket}/images/train/005.png"
+    image, label = src.load(1)
+    from PIL import Image  # noqa: PLC0415
+
+    np.testing.assert_array_equal(image.numpy(), np.asarray(Image.open(io.BytesIO(_images()[5]))))
+    assert int(label) == -1
+    backbone = {"pos_embed": np.arange(6, dtype=np.float32).reshape(1, 2, 3)}
+    checkpoint.save_params_dir(f"{bucket}/init", {"backbone": backbone}, {"arch": "vit_test"})
+    init = warm_start.read_init_weights(f"{bucket}/init", num_heads=1)
+    assert init.kind == "dino_jax params dir"
+    np.testing.assert_array_equal(init.student["backbone"]["pos_embed"], backbone["pos_embed"])
+
+
 def test_missing_or_unauthorised_bucket_is_one_line(gcs_emulator, tmp_path):
     """A missing bucket, and a server that answers 403 to everything (what GCS answers
     without permission): one error line each, no traceback, nothing written."""

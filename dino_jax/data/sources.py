@@ -190,7 +190,8 @@ class FolderSource(Source):
     def load(self, index):
         path = tf.gather(self.paths, index)
         if self.remote:  # through the path layer (gcsfs), not TF's own GCS client (paths module doc)
-            data = tf.numpy_function(lambda p: paths.read_bytes(p.decode()), [path], tf.string, stateful=False)
+            data = tf.numpy_function(lambda p: paths.read_bytes(np.asarray(p).item().decode()), [path],
+                                     tf.string, stateful=False)
             data.set_shape([])
         else:
             data = tf.io.read_file(path)
