@@ -397,7 +397,9 @@ def main():
                 f = run(off_cmd, env_for(a, True), os.path.join(work, f"{name}_official.log"))
                 res["ours"].append(o)
                 res["official"].append(f)
-                print(f"  {name} round {r + 1}: dino_jax {o[0]:.1f}s, official {f[0]:.1f}s", flush=True)
+                print(f"  {name} round {r + 1}: dino_jax {o[0]:.1f}s ({o[1]:.0f} CPU s, {o[2]:.0f} MiB), "
+                      f"official {f[0]:.1f}s ({f[1]:.0f} CPU s, {f[2]:.0f} MiB); {json.dumps(agree(o[3], f[3]))}",
+                      flush=True)
             med = {k: sorted(v, key=lambda t: t[0])[len(v) // 2] for k, v in res.items()}
             row = {"program": name, "dino_jax_s": round(med["ours"][0], 2), "official_s": round(med["official"][0], 2),
                    "ratio": round(med["official"][0] / med["ours"][0], 2),
