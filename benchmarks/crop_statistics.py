@@ -1,11 +1,11 @@
 """Crop statistics: dino_jax's multi-crop augmentation against the official one, image by image.
 
-    python benchmarks/crop_statistics.py --dino_dir DINO_CHECKOUT --torch_python /tmp/tvenv/bin/python
+    python benchmarks/crop_statistics.py --dino_dir DINO_CHECKOUT --torch_python TORCH_VENV/bin/python
 
 Draws ``--draws`` multi-crop sets (2 global + the recipe's local crops) of each of
 the first ``--images`` Fashion-MNIST training images twice: with dino_jax's tf.data
 augmentation (``configs/fmnist_nano.py``'s crops; one stateless seed per draw) and
-with the official anchor's ``DataAugmentationDINO`` (``../shared/tools/official_fmnist.py``:
+with the official anchor's ``DataAugmentationDINO`` (``official_fmnist.py``:
 torchvision's RandomResizedCrop, ColorJitter, RandomGrayscale and the official
 GaussianBlur / Solarization classes on PIL images), run in ``--torch_python``.
 

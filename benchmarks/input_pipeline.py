@@ -2,7 +2,7 @@
 
     python benchmarks/make_photo_folder.py --out /tmp/photos400 --num_images 400
     python benchmarks/input_pipeline.py --data /tmp/photos400 --num_images 384 --repeats 3 \
-        --torch_python /tmp/tvenv/bin/python [--device_augment]
+        --torch_python TORCH_VENV/bin/python [--device_augment]
 
 Reads an ImageFolder (``--data``; default: a temporary folder of real photographs
 made by ``make_photo_folder.py``, the ``bench`` extra), decodes each image once and

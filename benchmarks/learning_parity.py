@@ -1,10 +1,10 @@
 """Learning parity over seeds: dino_jax against the official code on the same small recipe.
 
     python benchmarks/learning_parity.py --seeds 0 1 2 \
-        --dino_dir /path/to/facebookresearch-dino --torch_python /tmp/tvenv/bin/python
+        --dino_dir /path/to/facebookresearch-dino --torch_python TORCH_VENV/bin/python
 
 Runs the "nano" recipe (``configs/fmnist_nano.py``) with ``dino_jax.main`` and the
-official modules through ``../shared/tools/official_fmnist.py --subset 12800 --batch
+official modules through ``official_fmnist.py --subset 12800 --batch
 128 --epochs 6 --lr 1e-3`` for every seed, then prints per seed and as mean ± std the
 k-NN top-1 of the random-init and of the trained teacher for both, and the difference
 of the means with its standard error (sqrt(s1^2/n1 + s2^2/n2)); for a variant

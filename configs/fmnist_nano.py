@@ -1,6 +1,6 @@
 """The "nano" learning-parity recipe: the official code's Fashion-MNIST anchor, restated.
 
-Same recipe as ``../shared/tools/official_fmnist.py --subset 12800 --batch 128
+Same recipe as ``official_fmnist.py --subset 12800 --batch 128
 --epochs 6 --lr 1e-3`` (the official VisionTransformer / DINOHead / DINOLoss /
 AdamW trained on Fashion-MNIST), so ``benchmarks/learning_parity.py`` can put
 the two side by side over seeds:

@@ -5,7 +5,7 @@ error fails the test.
 
 quickstart.ipynb runs first (a module fixture); attention_maps.ipynb then loads its
 checkpoint (the offline fallback), features_and_retrieval.ipynb falls back to a tiny
-random-init ViT and, when the official code is at hand ($OFFICIAL_DINO_DIR or /work/dino_official) and
+random-init ViT and, when the official code is at hand ($OFFICIAL_DINO_DIR, a checkout of facebookresearch/dino) and
 torch imports, compares with the official PyTorch model.
 """
 import json
@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(REPO, "colabs")
 NOTEBOOKS = ["quickstart.ipynb", "attention_maps.ipynb", "features_and_retrieval.ipynb"]
 FMNIST = "/usr/share/datasets/fashion-mnist"
-OFFICIAL_DIR = os.environ.get("OFFICIAL_DINO_DIR") or "/work/dino_official"
+OFFICIAL_DIR = os.environ.get("OFFICIAL_DINO_DIR", "")
 CELL_TIMEOUT_S = 300
 
 # The quickstart config with the tiny model of tests/test_main.py: 8 steps of batch 8.
