@@ -281,7 +281,8 @@ def device_cost_share(batch_size: int, num_local: int) -> dict:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from dino_jax import device_augment, schedules, train  # noqa: PLC0415
+    from dino_jax import schedules, train  # noqa: PLC0415
+    from dino_jax.data import device_augment  # noqa: PLC0415
 
     spec = importlib.util.spec_from_file_location("vit_s16", os.path.join(REPO, "configs", "vit_s16.py"))
     mod = importlib.util.module_from_spec(spec)

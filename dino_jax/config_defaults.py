@@ -152,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the official placement). True: the host only decodes and cuts/resizes the crops
     # (uint8, rounded as PIL's resize) and ships each crop's random decisions, drawn from
     # (seed, example position) as before; the train step then flips, colour-jitters,
-    # grays, blurs, solarizes and normalises them in JAX (dino_jax/device_augment.py).
+    # grays, blurs, solarizes and normalises them in JAX (dino_jax/data/device_augment.py).
     # Same decisions and formulas; use it when the host CPUs cannot feed the device
     # (docs/data.md: which mode on which hardware).
     c.data.device_augment = False     # see the comment above

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dino_jax import device_augment, ema, losses, optim, schedules, sharding
+from dino_jax import ema, losses, optim, schedules, sharding
+from dino_jax.data import device_augment
 from dino_jax.models import vit
 from dino_jax.models.head import DINOHead
 

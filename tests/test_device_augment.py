@@ -1,4 +1,4 @@
-"""data.device_augment: the host ships uint8 crops + decisions, dino_jax.device_augment
+"""data.device_augment: the host ships uint8 crops + decisions, dino_jax.data.device_augment
 finishes them in JAX. Parity with the tf.data photometric stages on the same crops and
 decisions (max abs error 1e-5 in normalised units), the decisions' rates and ranges
 against the official probabilities, resume, and the train-step hook."""
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dino_jax import device_augment, train
+from dino_jax import train
+from dino_jax.data import device_augment
 from dino_jax.config_defaults import base_config
 from dino_jax.data import augment, pipeline
 from dino_jax.data.tfutil import tf
@@ -171,7 +172,7 @@ def test_train_step_hook_applies_device_augment():
 
 
 def test_device_module_does_not_import_tensorflow():
-    code = "import sys, dino_jax.device_augment; print('tensorflow' in sys.modules)"
+    code = "import sys, dino_jax.data.device_augment; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr[-2000:]

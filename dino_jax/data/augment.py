@@ -29,7 +29,7 @@ size/2), symmetric edges) where PIL approximates one with three box blurs.
 
 With ``config.data.device_augment`` the host stops after step 2's cut + resize
 (``multi_crop(..., until='device')``): uint8 crops plus their decisions, finished
-on the accelerator by :mod:`dino_jax.device_augment` with the same formulas.
+on the accelerator by :mod:`dino_jax.data.device_augment` with the same formulas.
 
 Speed (benchmarks/input_pipeline.py): the resize is ~3.5x faster than TF's
 antialiased ``tf.image.resize`` (whose numbers it equals, both being PIL's to
@@ -427,8 +427,8 @@ def multi_crop(image_uint8, seed, cfg: MultiCropConfig, xla: bool = True, until:
 
     ``until='device'`` (``config.data.device_augment``): the crops are only cut and
     resized, rounded to uint8 (as PIL's resize does) and left width first, (n, W, H, 3)
-    (:func:`dino_jax.device_augment.apply` swaps the axes back), and every photometric decision
-    goes with them, for :mod:`dino_jax.device_augment` to finish on the accelerator:
+    (:func:`dino_jax.data.device_augment.apply` swaps the axes back), and every photometric decision
+    goes with them, for :mod:`dino_jax.data.device_augment` to finish on the accelerator:
     'global_aug' / 'local_aug' = {flip, jitter, gray, blur, solarize: (n,) bool;
     factors: (n, 4) float32; order: (n, 4) int32; sigma: (n,) float32}, the same
     decisions the host path draws. Other ``until`` values: see :func:`render_crops`."""

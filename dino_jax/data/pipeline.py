@@ -102,7 +102,7 @@ class _Positions:
 class TrainIterator:
     """Per-host DINO batches: {'global_crops': (b, 2, G, G, 3), 'local_crops': (b, L, l, l, 3)}
     float32; with ``data_cfg.device_augment`` uint8 crops (width first) plus 'global_aug' / 'local_aug'
-    (their photometric decisions, see :mod:`dino_jax.device_augment`)."""
+    (their photometric decisions, see :mod:`dino_jax.data.device_augment`)."""
 
     def __init__(self, data_cfg, global_batch_size: int, seed: int, start_step: int = 0,
                  process_index=None, process_count=None, start_position: int | None = None):
@@ -124,7 +124,7 @@ class TrainIterator:
         self.cfg = augment.MultiCropConfig.from_data_config(data_cfg)
         self.seed = int(seed)
         # device_augment: crops leave as uint8 with their photometric decisions
-        # (augment.multi_crop until='device'); dino_jax.device_augment finishes them.
+        # (augment.multi_crop until='device'); dino_jax.data.device_augment finishes them.
         self.until = "device" if data_cfg.device_augment else "all"
         self._pos = _Positions(n, global_batch_size, h, hc, self.seed)
         # Host-local counter of the next example; consumed-but-unreadable ones included.
