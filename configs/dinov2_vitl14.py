@@ -20,21 +20,13 @@ chip: python benchmarks/tpu_aot.py --config configs/dinov2_vitl14.py.
 Official result (DINOv2 README, the released weights): 83.5% k-NN, 86.3% linear on
 ImageNet.
 """
-from dino_jax.config_defaults import base_config
+from dino_jax.config_defaults import sibling_config
 
 
 def get_config():
-    c = base_config()
+    c = sibling_config(__file__, "dinov2_vits14.py")   # the hub's shared settings (patch 14, 518 px, LayerScale)
     c.model.arch = "custom"           # DINOv2's vit_large:
     c.model.embed_dim = 1024
     c.model.depth = 24
     c.model.num_heads = 16
-    c.model.patch_size = 14
-    c.model.img_size = 518            # the hub models' position grid: 37 x 37
-    c.model.layerscale_init = 1.0     # hub: init_values=1.0
-    c.model.mask_token = True         # a parameter of the released weights
-    c.model.dtype = "auto"            # bfloat16 on GPU/TPU, float32 on CPU
-    c.data.local_crop_size = 98       # a multiple of the patch (DINOv2's train configs for /14: 98)
-    c.data.source = "tfds"
-    c.data.tfds_name = "imagenet2012"
     return c
