@@ -1,22 +1,14 @@
 """DINOv2 ViT-S/14 distilled with 4 registers (21 M parameters), as the DINOv2 hub builds it
 (``torch.hub.load("facebookresearch/dinov2", "dinov2_vits14_reg")``).
 
-The released weights, converted (docs/dinov2.md lists every file):
+Convert the released weights (docs/dinov2.md lists every file) with
+``python -m dino_jax.convert torch2jax --input dinov2_vits14_reg4_pretrain.pth --output DIR``, or train
+this architecture with DINO's objective as ``configs/dinov2_vits14.py`` explains:
 
-    python -m dino_jax.convert torch2jax --input dinov2_vits14_reg4_pretrain.pth --output DIR
+    python -m dino_jax.main --config=configs/dinov2_vits14_reg.py --workdir=DIR
 
-give a params dir that every evaluator and extract take with --checkpoint DIR. This
-config gives the same architecture to the DINO trainer:
-
-    python -m dino_jax.main --config=configs/dinov2_vits14_reg.py --workdir=DIR \
-        --config.data.tfds_data_dir=/path/to/tensorflow_datasets
-
-which trains with DINO's objective (DINOv2's own recipe, with iBOT, KoLeo and its
-data, is not implemented) at DINO's 224 px global crops and 98 px local crops (DINOv2's
-size for patch 14); the 37 x 37 position grid of the 518 px hub model is interpolated
-to each crop.
-Sized for: feature extraction and evaluation on one GPU or TPU host; a train step's memory per
-chip: python benchmarks/tpu_aot.py --config configs/dinov2_vits14_reg.py.
+Sized for: feature extraction and evaluation on one GPU or TPU host (train-step memory:
+docs/tpu_memory.md).
 Official result (DINOv2 README, the released weights): 79.1% k-NN, 80.9% linear on
 ImageNet.
 """
