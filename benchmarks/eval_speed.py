@@ -41,6 +41,8 @@ import time
 
 import numpy as np
 
+from dino_jax.eval.video_segmentation import davis_palette
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SECTIONS = ("davis", "retrieval", "copy_detection", "extraction", "linear")
@@ -80,19 +82,6 @@ def save_jpg(path, img, quality=90):
     Image.fromarray(img).save(path, quality=quality)
 
 
-def palette_bytes():
-    pal = []
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
-
-
 def make_davis(root, rng, n_videos, n_frames, h=480, w=854):
     """DAVIS-2017 layout: frames with two disks moving over a textured background, and
     indexed-PNG annotations of every frame (1 and 2 the disks)."""
@@ -117,7 +106,7 @@ def make_davis(root, rng, n_videos, n_frames, h=480, w=854):
             p = os.path.join(root, "Annotations", "480p", v, f"{t:05d}.png")
             os.makedirs(os.path.dirname(p), exist_ok=True)
             im = Image.fromarray(seg, "P")
-            im.putpalette(palette_bytes())
+            im.putpalette(davis_palette().ravel().tolist())
             im.save(p)
 
 

