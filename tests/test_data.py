@@ -1,5 +1,6 @@
 """tf.data pipelines: shapes, augmentation statistics, determinism, host shards,
 resume, skip-and-count of unreadable files, evaluation layout, start-up errors."""
+import functools
 import logging
 import os
 
@@ -222,8 +223,9 @@ def test_startup_errors_are_one_clear_line(tmp_path):
         pipeline.create_eval_iterator(data_cfg(), "validation", 4, process_index=0, process_count=1)
 
 
-def _tiny_tfds(data_dir):
-    """A 40-image TFDS dataset prepared offline (no download) in ``data_dir``."""
+@functools.lru_cache(maxsize=None)
+def _tiny_tfds_builder():
+    """The builder class of a 40-image TFDS dataset (TFDS registers a class name once)."""
     import tensorflow_datasets as tfds
 
     class DinoJaxTinyTest(tfds.core.GeneratorBasedBuilder):
@@ -242,14 +244,22 @@ def _tiny_tfds(data_dir):
             for i in range(n):
                 yield i, {"image": rng.integers(0, 256, (20, 24, 3)).astype(np.uint8), "label": i % 4}
 
-    b = DinoJaxTinyTest(data_dir=str(data_dir))
+    return DinoJaxTinyTest
+
+
+def _tiny_tfds(data_dir, file_format="tfrecord"):
+    """The 40-image TFDS dataset prepared offline (no download) in ``data_dir``, in
+    ``file_format`` (tfrecord: read sequentially; array_record: read by index)."""
+    b = _tiny_tfds_builder()(data_dir=str(data_dir), file_format=file_format)
     b.download_and_prepare()
     return b.name
 
 
-def test_tfds_source_offline_train_resume_and_eval(tmp_path):
-    name = _tiny_tfds(tmp_path)
+@pytest.mark.parametrize("file_format", ["tfrecord", "array_record"])
+def test_tfds_source_offline_train_resume_and_eval(tmp_path, file_format):
+    name = _tiny_tfds(tmp_path, file_format)
     cfg = data_cfg(source="tfds", tfds_name=name, tfds_data_dir=str(tmp_path), shuffle_buffer=64)
+    assert make_source(cfg, "train").sequential == (file_format == "tfrecord")
     it = pipeline.create_train_iterator(cfg, 8, 0, process_index=0, process_count=1)
     assert it.num_examples == 40 and it.steps_per_epoch == 5
     first = [next(it) for _ in range(3)]

@@ -26,6 +26,7 @@ import pytest
 
 from dino_jax import checkpoint, export, extract, metrics_log, paths, torch_weights
 from official_fixtures import nu_by_param_path, state_rel_err
+from test_data import _tiny_tfds
 from test_main import final_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,21 +223,26 @@ def test_a_gs_run_moves_from_one_process_to_two_and_back(gcs_emulator, bucket, r
     assert _steps_logged(workdir) == list(range(1, STEPS + 1))
 
 
-def test_data_position_resumes_the_same_global_batches_on_another_host_count(tmp_path):
-    """The data state a checkpoint keeps is host-count free: after 2 steps on 2 hosts,
-    1 host reads next exactly the global batch an unbroken 1-host run reads at step 3,
-    and 2 hosts resuming a 1-host run read its halves. A host count that cannot divide
-    the global batch is refused in one line."""
+@pytest.mark.parametrize("source", ["image_folder", "tfds_array_record"])
+def test_data_position_resumes_the_same_global_batches_on_another_host_count(tmp_path, source):
+    """The data state a checkpoint keeps is host-count free, for an image folder and an
+    array_record TFDS dataset: after 2 steps on 2 hosts, 1 host reads next exactly the
+    global batch an unbroken 1-host run reads at step 3, and 2 hosts resuming a 1-host
+    run read its halves. A host count that cannot divide the global batch is refused
+    in one line."""
     from dino_jax import config_defaults  # noqa: PLC0415
     from dino_jax.data import pipeline  # noqa: PLC0415
     from dino_jax.data.sources import DataError  # noqa: PLC0415
 
-    (tmp_path / "train").mkdir()
-    for i, data in enumerate(_images()):
-        (tmp_path / "train" / f"{i:03d}.png").write_bytes(data)
     cfg = config_defaults.base_config().data
-    cfg.update(source="image_folder", path=str(tmp_path), train_split="train", global_crop_size=16,
-               local_crop_size=8, num_local_crops=2)
+    cfg.update(train_split="train", global_crop_size=16, local_crop_size=8, num_local_crops=2)
+    if source == "image_folder":
+        (tmp_path / "train").mkdir()
+        for i, data in enumerate(_images()):
+            (tmp_path / "train" / f"{i:03d}.png").write_bytes(data)
+        cfg.update(source="image_folder", path=str(tmp_path))
+    else:
+        cfg.update(source="tfds", tfds_name=_tiny_tfds(tmp_path, "array_record"), tfds_data_dir=str(tmp_path))
 
     def it(hosts, h=0, state=None):
         return pipeline.create_train_iterator(cfg, BATCH, 0, process_index=h, process_count=hosts, state=state)

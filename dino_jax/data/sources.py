@@ -256,9 +256,13 @@ def require_labels(source: Source, what: str) -> None:
 
 
 class TfdsSource(Source):
-    """A prepared TFDS dataset (no download: this runs offline). Random access by
-    index needs an array_record dataset; tfrecord ones are read sequentially by
-    the pipeline (``sequential=True``)."""
+    """A prepared TFDS dataset (no download: this runs offline).
+
+    An array_record dataset (``tfds build --file_format=array_record``) is read by
+    index, like a folder: every host walks the same global order, so a run resumes
+    with the same global batches on any host count. A tfrecord one has no random
+    access: each host reads its even share of the record files in a seeded shuffled
+    order (``sequential=True``), a share that changes with the host count."""
 
     def __init__(self, name: str, split: str, data_dir: str | None):
         import tensorflow_datasets as tfds  # noqa: PLC0415
@@ -286,7 +290,26 @@ class TfdsSource(Source):
         label = info.features["label"] if "label" in info.features else None
         self.num_classes = int(label.num_classes) if label is not None else 0
         self.name = f"TFDS {name}:{split}"
-        self.sequential = True  # tfrecord-backed: read in (shuffled) order, no random access
+        file_format = getattr(info, "file_format", None)
+        self.sequential = str(getattr(file_format, "value", file_format)) != "array_record"
+        if not self.sequential:  # records by index, images left encoded for tf to decode
+            self._records = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+    def load(self, index):
+        """Record ``index`` of an array_record dataset: (uint8 image, int32 label; -1 without labels)."""
+        def fetch(i):
+            record = self._records[int(i)]
+            return record["image"], np.int32(record.get("label", -1))
+
+        data, label = tf.numpy_function(fetch, [index], (tf.string, tf.int32), stateful=False)
+        data.set_shape([])
+        label.set_shape([])
+        img = tf.io.decode_image(data, channels=3, expand_animations=False)
+        img.set_shape([None, None, 3])
+        return img, label
+
+    def describe(self, index: int) -> str:
+        return f"{self.name} record {index}"
 
     def host_split(self, process_index: int, process_count: int, drop_remainder: bool):
         return self.tfds.even_splits(self.split, n=process_count, drop_remainder=drop_remainder)[process_index]
