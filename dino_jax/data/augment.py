@@ -31,9 +31,12 @@ With ``config.data.device_augment`` the host stops after step 2's cut + resize
 (``multi_crop(..., until='device')``): uint8 crops plus their decisions, finished
 on the accelerator by :mod:`dino_jax.data.device_augment` with the same formulas.
 
-Speed (benchmarks/input_pipeline.py): the resize is ~3.5x faster than TF's
-antialiased ``tf.image.resize`` (whose numbers it equals, both being PIL's to
-1e-5) and the colour stage ~4x faster than per-crop TF ops.
+The resize gives the numbers of TF's antialiased ``tf.image.resize`` (both are
+PIL's, to 1e-5) as banded matrix products, and the colour stage runs on all crops of
+a group at once; ``benchmarks/input_pipeline.py`` measures both.
+
+With ``config.data.pil_ops`` PIL itself renders the crops from the same decisions
+(:func:`render_crops_pil`), as the official torchvision transforms do.
 """
 from __future__ import annotations
 
@@ -390,7 +393,7 @@ def _finish_stage_impl(x, blur, sigma, solarize, radius: int, normalize: bool, u
 
 
 # Two XLA functions, not one: inside a single one XLA fuses the jitter into each of
-# the blur's shifted reads and recomputes it per tap (measured 4x slower).
+# the blur's shifted reads and recomputes it per tap.
 _jitter_stage_xla = tf.function(_jitter_stage_impl, jit_compile=True)
 _finish_stage_xla = tf.function(_finish_stage_impl, jit_compile=True)
 
@@ -399,7 +402,7 @@ def blur_radius(size: int, max_sigma: float) -> int:
     return max(1, min(int(math.ceil(3 * max_sigma)), size // 2))
 
 
-def render_crops(image, params, size: int, cfg: MultiCropConfig, xla: bool = True, until: str = "all"):
+def render_crops(image, params, size: int, cfg: MultiCropConfig, until: str = "all"):
     """(N, size, size, 3) float32 crops of a uint8 HxWx3 image by ``params``
     (from :func:`sample_crop_params`). ``until`` stops early (benchmarks' per-stage
     costs): 'resize' (the cut + resized crops, (N, W, H, 3) in [0, 255], not clipped),
@@ -410,18 +413,16 @@ def render_crops(image, params, size: int, cfg: MultiCropConfig, xla: bool = Tru
     crops = tf.ensure_shape(crop_resize_group(image, params["box"], size, gain=gain), [n, size, size, 3])
     if until == "resize":
         return crops
-    jitter_fn, finish_fn = (_jitter_stage_xla, _finish_stage_xla) if xla else (_jitter_stage_impl,
-                                                                               _finish_stage_impl)
-    x = jitter_fn(crops, params["flip"], params["jitter"], params["factors"], params["order"], params["gray"],
+    x = _jitter_stage_xla(crops, params["flip"], params["jitter"], params["factors"], params["order"], params["gray"],
                   use_jitter=cfg.jitter_p > 0)
     if until == "colour":
         return x
-    return finish_fn(x, params["blur"], params["sigma"], params["solarize"],
+    return _finish_stage_xla(x, params["blur"], params["sigma"], params["solarize"],
                      radius=blur_radius(size, cfg.blur_sigma[1]), normalize=cfg.normalize,
                      use_blur=until == "all" and max(cfg.blur_p) > 0 and cfg.blur_sigma[1] > 0)
 
 
-def multi_crop(image_uint8, seed, cfg: MultiCropConfig, xla: bool = True, until: str = "all"):
+def multi_crop(image_uint8, seed, cfg: MultiCropConfig, until: str = "all"):
     """{'global_crops': (2, G, G, 3), 'local_crops': (L, l, l, 3)} float32 from one decoded
     uint8 image (the crops are cut from the uint8 pixels: no full-image float copy).
 
@@ -442,13 +443,13 @@ def multi_crop(image_uint8, seed, cfg: MultiCropConfig, xla: bool = True, until:
     for g, (name, n, size, scale, blur_p, solarize_p) in enumerate(groups):
         params = sample_crop_params(_fold(seed, g), n, h, w, scale, cfg, blur_p=blur_p, solarize_p=solarize_p)
         if until == "device":
-            crops = render_crops(image, params, size, cfg, xla, until="resize")        # (n, W, H, 3)
+            crops = render_crops(image, params, size, cfg, until="resize")        # (n, W, H, 3)
             out[name + "_crops"] = tf.cast(tf.round(tf.clip_by_value(crops, 0.0, 255.0)), tf.uint8)
             out[name + "_aug"] = {k: v for k, v in params.items() if k != "box"}
         elif cfg.pil_ops and until == "all":
             out[name + "_crops"] = render_crops_pil(image, params, size, cfg)
         else:
-            out[name + "_crops"] = render_crops(image, params, size, cfg, xla, until)
+            out[name + "_crops"] = render_crops(image, params, size, cfg, until)
     if not cfg.num_local:
         dtype = tf.uint8 if until == "device" else tf.float32
         out["local_crops"] = tf.zeros([0, cfg.local_size, cfg.local_size, 3], dtype)
