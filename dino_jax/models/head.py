@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dino_jax.models import platform_ops as ops
-from dino_jax.models.vit import dense, gelu, torch_default_uniform_init
+from dino_jax.models.vit import dense, torch_default_uniform_init
 
 Dtype = Any
 
@@ -46,7 +46,8 @@ class WeightNormDense(nn.Module):
         in_dim = x.shape[-1]
         v = self.param("weight_v", torch_default_uniform_init(in_dim), (in_dim, self.features))
         g = self.param("weight_g", nn.initializers.ones, (1, self.features))
-        w = ops.select(self.platform_ops, lambda w: w, ops.cpu_materialize)(weight_norm(v, g))
+        w = ops.select(self.platform_ops, weight_norm,
+                       lambda v, g: ops.cpu_materialize(ops.cpu_weight_norm(v, g)))(v, g)
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
 
 
@@ -66,11 +67,8 @@ class DINOHead(nn.Module):
         dims = [self.bottleneck_dim] if nlayers == 1 else (
             [self.hidden_dim] * (nlayers - 1) + [self.bottleneck_dim])
         x = x.astype(self.dtype)
-        act = ops.select(self.platform_ops, gelu, ops.cpu_gelu)
         for i, d in enumerate(dims):
-            x = dense(d, self.dtype, f"mlp_{i}", platform_ops=self.platform_ops)(x)
-            if i < len(dims) - 1:
-                x = act(x)
+            x = dense(d, self.dtype, f"mlp_{i}", platform_ops=self.platform_ops, gelu=i < len(dims) - 1)(x)
         x = l2_normalize(x.astype(jnp.float32))
         return WeightNormDense(self.out_dim, self.dtype, self.platform_ops, name="last_layer")(x)
 

@@ -103,15 +103,63 @@ def _linear_bwd(res, g):
 cpu_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def dense_dot_general(platform_ops: str) -> Callable:
-    """The ``dot_general`` that ``nn.Dense`` calls, in the form ``platform_ops`` selects:
-    ``jax.lax.dot_general`` or :func:`cpu_linear` (the same product)."""
-    def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
-        def generic(x, kernel):
-            return jax.lax.dot_general(x, kernel, dimension_numbers, precision,
-                                       preferred_element_type=preferred_element_type)
-        return select(platform_ops, generic, cpu_linear)(x, kernel)
-    return dot_general
+def _bias_gradient(g):
+    """``g`` summed over all axes but the last, as a ``ones @ g`` product over the
+    (rows, features)-flattened ``g`` in float32: XLA:CPU's matmul library reads the
+    buffer the weight-gradient product reads, where its reduction read a transposed
+    copy of the cotangent made for the sum alone."""
+    g2 = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
+    ones = jnp.ones((1, g2.shape[0]), jnp.float32)
+    return jnp.dot(ones, g2, precision=jax.lax.Precision.HIGHEST)[0].astype(g.dtype)
+
+
+@jax.custom_vjp
+def cpu_add_bias(y, bias):
+    """``y + bias`` over the last axis, its bias gradient by :func:`_bias_gradient`."""
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, g):
+    return g, _bias_gradient(g)
+
+
+cpu_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+@jax.custom_vjp
+def cpu_bias_gelu(h, bias):
+    """``gelu(h + bias)``, a Linear's bias and the GELU after it, with a backward that
+    recomputes ``h + bias`` and the cdf from the saved ``h`` behind an optimisation
+    barrier (XLA:CPU otherwise shares the forward's erf, splitting the forward into two
+    passes and making the backward read the stored erf); the bias gradient is
+    :func:`_bias_gradient` of the input gradient."""
+    return cpu_gelu(h + bias)
+
+
+def _bias_gelu_fwd(h, bias):
+    return cpu_bias_gelu(h, bias), (h, bias)
+
+
+def _bias_gelu_bwd(res, g):
+    h, bias = res
+    dx = _gelu_bwd(jax.lax.optimization_barrier(h) + bias, g)[0]
+    return dx, _bias_gradient(dx)
+
+
+cpu_bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+
+
+def cpu_dense(x, kernel, bias=None, gelu: bool = False):
+    """A Linear (and the GELU after it where ``gelu``): :func:`cpu_linear`, then
+    :func:`cpu_add_bias` or :func:`cpu_bias_gelu` (``cpu_gelu`` without a bias)."""
+    y = cpu_linear(x, kernel)
+    if bias is None:
+        return cpu_gelu(y) if gelu else y
+    return (cpu_bias_gelu if gelu else cpu_add_bias)(y, bias)
 
 
 def _row_mean(x):
@@ -176,6 +224,36 @@ def _materialize_bwd(_, g):
 
 
 cpu_materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
+def _column_sums(x):
+    """Sums over axis 0 of a 2-D array, kept (1, n), as a ``ones @ x`` product: XLA:CPU's
+    column reduction of a wide matrix (the head's (bottleneck, out_dim) weight) is far
+    slower than its matrix product."""
+    return jnp.dot(jnp.ones((1, x.shape[0]), x.dtype), x, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.custom_vjp
+def cpu_weight_norm(v, g):
+    """PyTorch's ``weight_norm`` over each column, ``v * (g / ||v||)``, forward and backward
+    reductions as :func:`_column_sums` products; the backward is the closed form
+    ``dv = s dw - v s t / n^2``, ``dg = t / n`` with ``s = g / n`` and ``t = sum_i v_i dw_i``."""
+    return _weight_norm_fwd(v, g)[0]
+
+
+def _weight_norm_fwd(v, g):
+    n2 = _column_sums(jnp.square(v))
+    s = g / jnp.sqrt(n2)
+    return v * s, (v, s, n2)
+
+
+def _weight_norm_bwd(res, dw):
+    v, s, n2 = res
+    t = _column_sums(v * dw)
+    return s * dw - v * (s * t / n2), t / jnp.sqrt(n2)
+
+
+cpu_weight_norm.defvjp(_weight_norm_fwd, _weight_norm_bwd)
 
 
 def cpu_materialize(x):

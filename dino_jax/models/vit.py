@@ -161,12 +161,43 @@ def interpolate_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int, image_
 # --------------------------------------------------------------------------
 # Modules.
 # --------------------------------------------------------------------------
+def gelu(x):
+    """Exact (erf) GELU, torch.nn.GELU()'s default."""
+    return nn.gelu(x, approximate=False)
+
+
+def dense_formula(x, kernel, bias=None, gelu_after: bool = False):
+    """``x @ kernel + bias`` over the last axis of ``x``, then :func:`gelu` if ``gelu_after``."""
+    y = jnp.dot(x, kernel)
+    if bias is not None:
+        y = y + bias
+    return gelu(y) if gelu_after else y
+
+
+class Dense(nn.Module):
+    """The official Linear (trunc-normal(0.02) weight, zero bias) with ``nn.Dense``'s
+    parameters, float32 ``kernel`` (in, out) and ``bias``, computed in ``dtype``.
+    ``gelu``: the exact GELU that follows it in an MLP, applied here so that the CPU
+    form can fuse it with the bias."""
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    gelu: bool = False
+    platform_ops: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", trunc_normal_init(0.02), (x.shape[-1], self.features), jnp.float32)
+        args = [x.astype(self.dtype), kernel.astype(self.dtype)]
+        if self.use_bias:
+            args.append(self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype))
+        return ops.select(self.platform_ops, functools.partial(dense_formula, gelu_after=self.gelu),
+                          functools.partial(ops.cpu_dense, gelu=self.gelu))(*args)
+
+
 def dense(features: int, dtype: Dtype, name: str, use_bias: bool = True,
-          platform_ops: str = "auto") -> nn.Dense:
-    """The official Linear: trunc-normal(0.02) weight, zero bias, float32 parameters."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=trunc_normal_init(0.02),
-                    dot_general=ops.dense_dot_general(platform_ops), name=name)
+          platform_ops: str = "auto", gelu: bool = False) -> Dense:
+    return Dense(features, use_bias, dtype, gelu, platform_ops, name=name)
 
 
 def layer_norm_formula(x, scale, bias, eps: float, dtype: Dtype):
@@ -198,11 +229,6 @@ class LayerNorm(nn.Module):
 
 def layer_norm(eps: float, dtype: Dtype, name: str, platform_ops: str = "auto") -> LayerNorm:
     return LayerNorm(eps, dtype, platform_ops, name=name)
-
-
-def gelu(x):
-    """Exact (erf) GELU, torch.nn.GELU()'s default."""
-    return nn.gelu(x, approximate=False)
 
 
 def dot_product_attention(q, k, v):
@@ -273,8 +299,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        x = dense(self.hidden_dim, self.dtype, "fc1", platform_ops=self.platform_ops)(x)
-        x = ops.select(self.platform_ops, gelu, ops.cpu_gelu)(x)
+        x = dense(self.hidden_dim, self.dtype, "fc1", platform_ops=self.platform_ops, gelu=True)(x)
         return dense(d, self.dtype, "fc2", platform_ops=self.platform_ops)(x)
 
 
