@@ -333,15 +333,6 @@ def _guarded(step_fn, halt_on_nonfinite: bool) -> Callable:
     return guarded
 
 
-# XLA:CPU's cse_barrier_expander pass deletes every optimization_barrier before
-# fusion, so the barriers that keep the head's weight-norm weights and the
-# residual-stream gradients materialised (models/) would never reach the CPU
-# backend, which then fuses the norm into the wide head matmul (recomputed per
-# tile) and duplicates the gradient add chains into every consumer. Skipping the
-# pass for this one program keeps them (same loss; timings in benchmarks/README.md).
-# Per jit, not XLA_FLAGS: other programs and backends are left alone.
-CPU_STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
-
 # Which of the step's work XLA:CPU hands to YNNPACK (x86-64): the reductions only
 # (LayerNorm statistics, softmax sums, bias gradients). XLA's default also gives it
 # the matmuls, fused with the elementwise work around them, and those fusions run
@@ -372,7 +363,7 @@ def step_compiler_options(platform: str) -> dict | None:
     """XLA compiler options of the train step on ``platform`` (None: XLA's defaults)."""
     if platform != "cpu":
         return None
-    return {**CPU_STEP_COMPILER_OPTIONS, **dict(_cpu_library_options())}
+    return dict(_cpu_library_options()) or None
 
 
 class TrainStep:

@@ -2,16 +2,14 @@
 
 ``config.model.platform_ops`` ("auto" | "cpu" | "generic") reaches every module as
 its ``platform_ops`` field; :func:`select` turns it into the function an operation
-runs. "generic" is the plain formula written in ``models/vit.py`` and
-``models/head.py`` (what a GPU or TPU runs); "cpu" is the form below, which
-computes the same values with a backward pass or an optimisation barrier that suits
-XLA:CPU; "auto" decides when the program is lowered, by the platform it is lowered
-for, so a TPU program compiled ahead of time on a CPU host gets the generic form.
-Every CPU form is tested against its generic form and the official numbers
-(tests/test_models.py, tests/test_train_step.py run both).
-
-Optimisation barriers only survive XLA:CPU where the program is compiled with
-``train.step_compiler_options`` (XLA:CPU otherwise deletes them before fusion).
+runs. "generic" is the plain formula written in ``models/vit.py`` (what a GPU or TPU
+runs); "cpu" is the form below, which computes the same values with a backward pass
+that suits XLA:CPU; "auto" decides when the program is lowered, by the platform it
+is lowered for, so a TPU program compiled ahead of time on a CPU host gets the
+generic form. Every CPU form is tested against its generic form and the official
+numbers (tests/test_models.py, tests/test_train_step.py run both). A CPU form is kept
+only where it makes the whole CPU step at least 5% faster
+(``benchmarks/cpu_forms.py``; the figures are in benchmarks/README.md).
 
 :func:`fused_attention` is the ``model.fused_attention`` deviation (off by default):
 cuDNN's kernel on a GPU.
@@ -45,15 +43,15 @@ def select(platform_ops: str, generic: Callable, cpu: Callable) -> Callable:
 
 
 # --------------------------------------------------------------------------
-# CPU forms.
+# The one form every platform runs.
 # --------------------------------------------------------------------------
 @jax.custom_vjp
-def cpu_gelu(x):
-    """Exact GELU, ``x * 0.5 * (1 + erf(x / sqrt(2)))``, with a backward that recomputes
-    the cdf and the density from ``x``. ``nn.gelu(approximate=False)`` evaluates
-    ``erfc`` (two polynomial branches and an exp, selected) and autodiff keeps the exp
-    for the backward; here the forward is one erf polynomial and the backward one
-    fused loop over ``x``."""
+def gelu(x):
+    """Exact GELU, torch.nn.GELU()'s default, ``x * 0.5 * (1 + erf(x / sqrt(2)))``, with a
+    backward that recomputes the cdf and the density from ``x``: only ``x`` is kept for
+    the backward pass. ``nn.gelu(approximate=False)`` evaluates ``erfc`` (two polynomial
+    branches and an exp, selected) and autodiff keeps its intermediates, which costs
+    HBM on TPU and time on CPU (benchmarks/README.md, docs/tpu_memory.md)."""
     return x * _normal_cdf(x)
 
 
@@ -62,7 +60,7 @@ def _normal_cdf(x):
 
 
 def _gelu_fwd(x):
-    return cpu_gelu(x), x
+    return gelu(x), x
 
 
 def _gelu_bwd(x, g):
@@ -70,18 +68,18 @@ def _gelu_bwd(x, g):
     return (g * (_normal_cdf(x) + x * pdf),)
 
 
-cpu_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+# --------------------------------------------------------------------------
+# CPU forms.
+# --------------------------------------------------------------------------
 @jax.custom_vjp
 def cpu_linear(x, kernel):
     """``x @ kernel`` over the last axis of ``x``, as ``nn.Dense`` computes, with a backward
-    that forms the weight gradient ``x^T g`` from the (batch, token)-merged operands, the
-    narrower of ``x`` and ``g`` on the left: XLA:CPU's matmul library runs a
-    token-contracting product at a speed set by the width of its right operand. Where
-    the narrower one is ``g`` the small (out, in) product is transposed afterwards,
-    behind an optimisation barrier (XLA would fold the transpose back into the dot by
-    swapping its operands)."""
+    that forms the weight gradient ``x^T g`` from operands whose (batch, token) axes are
+    merged into one: XLA:CPU's matmul library runs that 2-D product much faster than
+    the product contracting two leading axes that autodiff gives."""
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
@@ -93,10 +91,7 @@ def _linear_bwd(res, g):
     x, kernel = res
     dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    if x2.shape[-1] <= g2.shape[-1]:  # dW = x^T g
-        dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
-    else:  # dW = (g^T x)^T
-        dw = jax.lax.optimization_barrier(jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())))).T
+    dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
     return dx, dw.astype(kernel.dtype)
 
 
@@ -133,11 +128,9 @@ cpu_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 @jax.custom_vjp
 def cpu_bias_gelu(h, bias):
     """``gelu(h + bias)``, a Linear's bias and the GELU after it, with a backward that
-    recomputes ``h + bias`` and the cdf from the saved ``h`` behind an optimisation
-    barrier (XLA:CPU otherwise shares the forward's erf, splitting the forward into two
-    passes and making the backward read the stored erf); the bias gradient is
-    :func:`_bias_gradient` of the input gradient."""
-    return cpu_gelu(h + bias)
+    recomputes ``h + bias``, the cdf and the density from the saved ``h`` in one fused
+    loop; the bias gradient is :func:`_bias_gradient` of the input gradient."""
+    return gelu(h + bias)
 
 
 def _bias_gelu_fwd(h, bias):
@@ -146,20 +139,20 @@ def _bias_gelu_fwd(h, bias):
 
 def _bias_gelu_bwd(res, g):
     h, bias = res
-    dx = _gelu_bwd(jax.lax.optimization_barrier(h) + bias, g)[0]
+    dx = _gelu_bwd(h + bias, g)[0]
     return dx, _bias_gradient(dx)
 
 
 cpu_bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
-def cpu_dense(x, kernel, bias=None, gelu: bool = False):
-    """A Linear (and the GELU after it where ``gelu``): :func:`cpu_linear`, then
-    :func:`cpu_add_bias` or :func:`cpu_bias_gelu` (``cpu_gelu`` without a bias)."""
+def cpu_dense(x, kernel, bias=None, with_gelu: bool = False):
+    """A Linear (and the GELU after it where ``with_gelu``): :func:`cpu_linear`, then
+    :func:`cpu_add_bias` or :func:`cpu_bias_gelu` (:func:`gelu` without a bias)."""
     y = cpu_linear(x, kernel)
     if bias is None:
-        return cpu_gelu(y) if gelu else y
-    return (cpu_bias_gelu if gelu else cpu_add_bias)(y, bias)
+        return gelu(y) if with_gelu else y
+    return (cpu_bias_gelu if with_gelu else cpu_add_bias)(y, bias)
 
 
 def _row_mean(x):
@@ -204,73 +197,6 @@ def _layer_norm_bwd(eps, dtype, res, g):
 cpu_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-@jax.custom_vjp
-def cpu_materialize_cotangent(x):
-    """Identity whose gradient is materialised (an optimisation barrier on the cotangent).
-
-    At each block input the residual-stream gradient is a chain of elementwise adds
-    over all later blocks; XLA:CPU fuses (duplicates) that chain into every consumer,
-    recomputing it per block: work quadratic in depth. Materialising it once per
-    block removes that; the values are unchanged (same operations, same order)."""
-    return x
-
-
-def _materialize_fwd(x):
-    return x, None
-
-
-def _materialize_bwd(_, g):
-    return (jax.lax.optimization_barrier(g),)
-
-
-cpu_materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
-
-
-def _column_sums(x):
-    """Sums over axis 0 of a 2-D array, kept (1, n), as a ``ones @ x`` product: XLA:CPU's
-    column reduction of a wide matrix (the head's (bottleneck, out_dim) weight) is far
-    slower than its matrix product."""
-    return jnp.dot(jnp.ones((1, x.shape[0]), x.dtype), x, precision=jax.lax.Precision.HIGHEST)
-
-
-@jax.custom_vjp
-def cpu_weight_norm(v, g):
-    """PyTorch's ``weight_norm`` over each column, ``v * (g / ||v||)``, forward and backward
-    reductions as :func:`_column_sums` products; the backward is the closed form
-    ``dv = s dw - v s t / n^2``, ``dg = t / n`` with ``s = g / n`` and ``t = sum_i v_i dw_i``."""
-    return _weight_norm_fwd(v, g)[0]
-
-
-def _weight_norm_fwd(v, g):
-    n2 = _column_sums(jnp.square(v))
-    s = g / jnp.sqrt(n2)
-    return v * s, (v, s, n2)
-
-
-def _weight_norm_bwd(res, dw):
-    v, s, n2 = res
-    t = _column_sums(v * dw)
-    return s * dw - v * (s * t / n2), t / jnp.sqrt(n2)
-
-
-cpu_weight_norm.defvjp(_weight_norm_fwd, _weight_norm_bwd)
-
-
-def cpu_materialize(x):
-    """``x`` behind an optimisation barrier: computed once and stored. XLA:CPU otherwise
-    fuses the head's weight normalisation into the (B, K) matmul and recomputes the
-    norms in every tile."""
-    return jax.lax.optimization_barrier(x)
-
-
-def _transposed_product(a, b):
-    """``a^T b`` per (batch, head): (B, H, Q, K), (B, H, Q, d) -> (B, H, K, d), with ``a``
-    transposed in memory first (kept so by an optimisation barrier, which stops XLA
-    from folding the transpose back into the product): XLA:CPU's matmul library takes
-    row-major products, a transposed operand goes to a slower generic kernel."""
-    return jnp.einsum("bhkq,bhqd->bhkd", jax.lax.optimization_barrier(jnp.swapaxes(a, 2, 3)), b)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def cpu_attention(qkv, num_heads: int):
     """Multi-head self-attention core: ``qkv`` (B, N, 3C) -> (B, N, C), before ``proj``.
@@ -310,12 +236,12 @@ def _attention_bwd(num_heads: int, res, g):
     b, h, n, hd = q.shape
     go = g.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
     pc = p.astype(v.dtype)
-    dv = _transposed_product(pc, go)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", pc, go)
     dp = jnp.einsum("bhqd,bhkd->bhqk", go, v).astype(jnp.float32)
     # softmax backward, then the cast and the scale of the logits
     ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
     dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
-    dk = _transposed_product(ds, q)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
     # (B, N, 3H, hd): each gradient moved to (B, N, H, hd), then joined on the head axis
     # (XLA:CPU runs three 4-D transposes and a concatenation faster than the 5-D
     # transpose of their stack).

@@ -161,17 +161,13 @@ def interpolate_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int, image_
 # --------------------------------------------------------------------------
 # Modules.
 # --------------------------------------------------------------------------
-def gelu(x):
-    """Exact (erf) GELU, torch.nn.GELU()'s default."""
-    return nn.gelu(x, approximate=False)
-
-
-def dense_formula(x, kernel, bias=None, gelu_after: bool = False):
-    """``x @ kernel + bias`` over the last axis of ``x``, then :func:`gelu` if ``gelu_after``."""
+def dense_formula(x, kernel, bias=None, with_gelu: bool = False):
+    """``x @ kernel + bias`` over the last axis of ``x``, then the exact GELU if
+    ``with_gelu`` (``platform_ops.gelu``, the one form every platform runs)."""
     y = jnp.dot(x, kernel)
     if bias is not None:
         y = y + bias
-    return gelu(y) if gelu_after else y
+    return ops.gelu(y) if with_gelu else y
 
 
 class Dense(nn.Module):
@@ -191,8 +187,8 @@ class Dense(nn.Module):
         args = [x.astype(self.dtype), kernel.astype(self.dtype)]
         if self.use_bias:
             args.append(self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype))
-        return ops.select(self.platform_ops, functools.partial(dense_formula, gelu_after=self.gelu),
-                          functools.partial(ops.cpu_dense, gelu=self.gelu))(*args)
+        return ops.select(self.platform_ops, functools.partial(dense_formula, with_gelu=self.gelu),
+                          functools.partial(ops.cpu_dense, with_gelu=self.gelu))(*args)
 
 
 def dense(features: int, dtype: Dtype, name: str, use_bias: bool = True,
@@ -355,7 +351,6 @@ class Block(nn.Module):
                  cls_only: bool = False):
         """``cls_only``: return the CLS token's output alone, (B, 1, D), computing only
         what it depends on (every token's keys and values, the CLS query, MLP)."""
-        x = ops.select(self.platform_ops, lambda x: x, ops.cpu_materialize_cotangent)(x)
         y, attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.dtype, self.fused_attention,
                             self.platform_ops, name="attn")(
             layer_norm(self.eps, self.dtype, "norm1", self.platform_ops)(x), return_attention, cls_only)
