@@ -4,8 +4,9 @@
 
 Builds the bare train step (``benchmarks/train_step.py``'s ``build_bare_step``,
 float32, ``model.platform_ops=cpu``) once per variant in one process: ``all_on``, then
-each variant with one CPU form replaced by its generic formula (``generic`` replaces
-them all). The variants then take turns, round after round (the order reversed every
+each variant with one form (a CPU form, or one of the two every platform runs: gelu,
+attention) replaced by JAX's autodiff of its plain formula (``generic`` replaces them
+all). The variants then take turns, round after round (the order reversed every
 other round), each turn timing ``--steps`` steps by process CPU time. Prints the
 median per variant and its ratio to ``all_on`` (> 1: the form saves that much); the
 last line is a JSON object. Pin it to one core (``taskset``) for a stable figure.
@@ -18,6 +19,7 @@ import os
 import sys
 import time
 
+import einops
 import jax
 import numpy as np
 
@@ -38,6 +40,11 @@ def _autodiff_gelu(x):
     return jax.nn.gelu(x, approximate=False)
 
 
+def _autodiff_attention(qkv, num_heads):
+    q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=num_heads)
+    return einops.rearrange(vit.dot_product_attention(q, k, v)[0], "b n h d -> b n (h d)")
+
+
 # Each variant: (module, attribute, replacement) set while the step is traced.
 VARIANTS = {
     "all_on": [],
@@ -46,7 +53,7 @@ VARIANTS = {
     "bias_gelu": [(ops, "cpu_bias_gelu", lambda h, b: ops.gelu(h + b))],
     "gelu": [(ops, "gelu", _autodiff_gelu), (ops, "cpu_bias_gelu", lambda h, b: _autodiff_gelu(h + b))],
     "layer_norm": [(ops, "cpu_layer_norm", vit.layer_norm_formula)],
-    "attention": [(ops, "cpu_attention", vit.attention_core)],
+    "attention": [(ops, "attention", _autodiff_attention)],
     "library_options": [(train, "_cpu_library_options", lambda: ())],
 }
 

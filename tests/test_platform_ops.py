@@ -14,6 +14,7 @@ import os
 import platform
 import re
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +109,12 @@ def test_cpu_dense_equals_the_formula_and_its_gradients(with_gelu, use_bias):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0, atol=1e-5 * float(jnp.abs(r).max()))
 
 
+def _autodiff_attention(qkv, num_heads):
+    """The plain attention formula between qkv and proj, for JAX's autodiff."""
+    q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=num_heads)
+    return einops.rearrange(vit.dot_product_attention(q, k, v)[0], "b n h d -> b n (h d)")
+
+
 def _official_attention_core(qkv, num_heads):
     """The official Attention.forward between qkv and proj, in torch (float64 autograd)."""
     b, n, c3 = qkv.shape
@@ -120,8 +127,9 @@ def _official_attention_core(qkv, num_heads):
 
 @pytest.mark.parametrize("num_heads,hd", [(3, 32), (2, 64)])
 def test_attention_forms_match_official_and_its_gradient(num_heads, hd):
-    """cpu_attention (hand-written backward) and the generic vit.attention_core (JAX's
-    autodiff) each equal the official module's attention in float64 torch autograd,
+    """platform_ops.attention (hand-written backward; every platform runs it) and JAX's
+    autodiff of the plain formula (vit.dot_product_attention) each equal the official
+    module's attention in float64 torch autograd,
     value and gradient, to 1e-5 of the largest entry; in bfloat16 the two agree to bf16
     rounding (2e-2). hd=32 has a scale that is not a power of two (order matters)."""
     torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
@@ -132,8 +140,8 @@ def test_attention_forms_match_official_and_its_gradient(num_heads, hd):
     qt = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
     ot = _official_attention_core(qt, num_heads)
     (ot * torch.tensor(g, dtype=torch.float64)).sum().backward()
-    forms = {"cpu": lambda a: platform_ops.cpu_attention(a, num_heads),
-             "generic": lambda a: vit.attention_core(a, num_heads)}
+    forms = {"hand-written": lambda a: platform_ops.attention(a, num_heads),
+             "autodiff": lambda a: _autodiff_attention(a, num_heads)}
     for name, fn in forms.items():
         out, vjp = jax.vjp(fn, jnp.asarray(qkv))
         (dqkv,) = vjp(jnp.asarray(g))
@@ -149,7 +157,7 @@ def test_attention_forms_match_official_and_its_gradient(num_heads, hd):
     dq = qt.grad.numpy().reshape(b, n, 3, num_heads, hd)[:, :, 0].transpose(0, 2, 1, 3)
     assert np.abs(np.asarray(dq_wrong) - dq).max() > 0.1 * np.abs(dq).max()
     x16, g16 = jnp.asarray(qkv, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16)
-    (o_ref, vjp_ref), (o_new, vjp_new) = (jax.vjp(forms[k], x16) for k in ("generic", "cpu"))
+    (o_ref, vjp_ref), (o_new, vjp_new) = (jax.vjp(forms[k], x16) for k in ("autodiff", "hand-written"))
     for got, want in [(o_new, o_ref), (vjp_new(g16)[0], vjp_ref(g16)[0])]:
         assert got.dtype == want.dtype == jnp.bfloat16
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)

@@ -11,6 +11,10 @@ numbers (tests/test_models.py, tests/test_train_step.py run both). A CPU form is
 only where it makes the whole CPU step at least 5% faster
 (``benchmarks/cpu_forms.py``; the figures are in benchmarks/README.md).
 
+Two operations have one form on every platform, with a hand-written backward:
+:func:`gelu` and :func:`attention`. Each lowers TPU HBM against autodiff of the plain
+formula and makes the CPU step faster (docs/tpu_memory.md, benchmarks/README.md).
+
 :func:`fused_attention` is the ``model.fused_attention`` deviation (off by default):
 cuDNN's kernel on a GPU.
 """
@@ -43,7 +47,7 @@ def select(platform_ops: str, generic: Callable, cpu: Callable) -> Callable:
 
 
 # --------------------------------------------------------------------------
-# The one form every platform runs.
+# The forms every platform runs.
 # --------------------------------------------------------------------------
 @jax.custom_vjp
 def gelu(x):
@@ -69,6 +73,63 @@ def _gelu_bwd(x, g):
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attention(qkv, num_heads: int):
+    """Multi-head self-attention core: ``qkv`` (B, N, 3C) -> (B, N, C), before ``proj``.
+
+    The official forward (reshape, permute to (3, B, H, N, hd), ``q @ k^T * scale``,
+    float32 softmax, ``@ v``, heads back to channels) with a hand-written backward
+    from the saved q, k, v and float32 probabilities: autodiff keeps more
+    (B, H, N, N) tensors for the backward, which at patch 8 under ``remat`` costs TPU
+    HBM; on XLA:CPU autodiff re-derives
+    each operand's layout and copies the operands around every batched product,
+    where here there is one copy in and one out (docs/tpu_memory.md,
+    benchmarks/README.md). The same products and sums as autodiff."""
+    return _attention_fwd(qkv, num_heads)[0]
+
+
+def _split_heads(qkv, num_heads: int):
+    """(B, N, 3C) -> q, k, v of shape (B, H, N, hd): the official reshape and permute."""
+    b, n, c3 = qkv.shape
+    t = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads)).transpose(2, 0, 3, 1, 4)
+    return t[0], t[1], t[2]
+
+
+def _attention_probs(q, k):
+    """softmax(q k^T * hd^-0.5) in float32, the official op order (product, then scale)."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _attention_fwd(qkv, num_heads: int):
+    b, n, _ = qkv.shape
+    q, k, v = _split_heads(qkv, num_heads)
+    p = _attention_probs(q, k)
+    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v)
+    return o.transpose(0, 2, 1, 3).reshape(b, n, -1), (q, k, v, p)
+
+
+def _attention_bwd(num_heads: int, res, g):
+    q, k, v, p = res
+    b, h, n, hd = q.shape
+    go = g.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
+    pc = p.astype(v.dtype)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", pc, go)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", go, v).astype(jnp.float32)
+    # softmax backward, then the cast and the scale of the logits
+    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
+    # (B, N, 3H, hd): each gradient moved to (B, N, H, hd), then joined on the head axis
+    # (XLA:CPU runs three 4-D transposes and a concatenation faster than the 5-D
+    # transpose of their stack).
+    d = jnp.concatenate([t.transpose(0, 2, 1, 3) for t in (dq, dk, dv)], axis=2)
+    return (d.reshape(b, n, 3 * h * hd),)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # --------------------------------------------------------------------------
@@ -197,59 +258,6 @@ def _layer_norm_bwd(eps, dtype, res, g):
 cpu_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def cpu_attention(qkv, num_heads: int):
-    """Multi-head self-attention core: ``qkv`` (B, N, 3C) -> (B, N, C), before ``proj``.
-
-    The official forward (reshape, permute to (3, B, H, N, hd), ``q @ k^T * scale``,
-    float32 softmax, ``@ v``, heads back to channels) with a hand-written backward that
-    stays in the (B, H, N, hd) layout and returns the gradient already in qkv's layout:
-    autodiff re-derives each operand's layout, and XLA:CPU copies the operands into and
-    out of (B, N, H, hd) around every batched product; here there is one copy in and one
-    out. The same products and sums as autodiff."""
-    return _attention_fwd(qkv, num_heads)[0]
-
-
-def _split_heads(qkv, num_heads: int):
-    """(B, N, 3C) -> q, k, v of shape (B, H, N, hd): the official reshape and permute."""
-    b, n, c3 = qkv.shape
-    t = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads)).transpose(2, 0, 3, 1, 4)
-    return t[0], t[1], t[2]
-
-
-def _attention_probs(q, k):
-    """softmax(q k^T * hd^-0.5) in float32, the official op order (product, then scale)."""
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-
-def _attention_fwd(qkv, num_heads: int):
-    b, n, _ = qkv.shape
-    q, k, v = _split_heads(qkv, num_heads)
-    p = _attention_probs(q, k)
-    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v)
-    return o.transpose(0, 2, 1, 3).reshape(b, n, -1), (q, k, v, p)
-
-
-def _attention_bwd(num_heads: int, res, g):
-    q, k, v, p = res
-    b, h, n, hd = q.shape
-    go = g.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
-    pc = p.astype(v.dtype)
-    dv = jnp.einsum("bhqk,bhqd->bhkd", pc, go)
-    dp = jnp.einsum("bhqd,bhkd->bhqk", go, v).astype(jnp.float32)
-    # softmax backward, then the cast and the scale of the logits
-    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
-    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
-    # (B, N, 3H, hd): each gradient moved to (B, N, H, hd), then joined on the head axis
-    # (XLA:CPU runs three 4-D transposes and a concatenation faster than the 5-D
-    # transpose of their stack).
-    d = jnp.concatenate([t.transpose(0, 2, 1, 3) for t in (dq, dk, dv)], axis=2)
-    return (d.reshape(b, n, 3 * h * hd),)
-
-
-cpu_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # --------------------------------------------------------------------------

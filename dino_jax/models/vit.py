@@ -235,12 +235,6 @@ def dot_product_attention(q, k, v):
     return jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v), attn
 
 
-def attention_core(qkv, num_heads: int):
-    """The official attention between ``qkv`` (B, N, 3C) and ``proj``: (B, N, C)."""
-    q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=num_heads)
-    return einops.rearrange(dot_product_attention(q, k, v)[0], "b n h d -> b n (h d)")
-
-
 class DropPath(nn.Module):
     """Stochastic depth per sample: keep with prob 1-rate, scale kept by 1/(1-rate)."""
     rate: float
@@ -280,8 +274,7 @@ class Attention(nn.Module):
                 out, attn = dot_product_attention(q, k, v)
             out = einops.rearrange(out, "b n h d -> b n (h d)")
         else:
-            out = ops.select(self.platform_ops, lambda t: attention_core(t, self.num_heads),
-                             lambda t: ops.cpu_attention(t, self.num_heads))(qkv)
+            out = ops.attention(qkv, self.num_heads)  # dot_product_attention, hand-written backward
         out = dense(self.dim, self.dtype, "proj", platform_ops=self.platform_ops)(out)
         return out, attn
 
