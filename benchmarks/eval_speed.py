@@ -170,7 +170,10 @@ def make_data(a, sec, work):
     """The data of one section (kept in ``work`` and reused by later runs)."""
     k = 0 if a.scale == "real" else 1
     n = {name: v[k] for name, v in SIZES.items()}
-    done = os.path.join(work, f"data-{sec}", "DONE")
+    if a.extract_images:
+        n["extract_images"] = a.extract_images
+    tag = f"-{n['extract_images']}" if sec == "extraction" else ""
+    done = os.path.join(work, f"data-{sec}{tag}", "DONE")
     root = os.path.dirname(done)
     if os.path.exists(done):
         return root, n
@@ -361,6 +364,9 @@ def main():
                     help="data loader processes of the official scripts (their default 10 is for a GPU host)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="timed runs of each side, alternating dino_jax and official; the median is reported")
+    ap.add_argument("--extract_images", type=int, default=0,
+                    help="images in the extraction folder (0: the scale's count); compare peak RSS "
+                         "at two counts to see that extraction's memory does not grow with the folder")
     a = ap.parse_args()
     sections = [s for s in a.sections.split(",") if s]
     bad = [s for s in sections if s not in SECTIONS]
