@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import train_step as tsb  # noqa: E402  (benchmarks/ sibling)
 from dino_jax import train  # noqa: E402
-from dino_jax.models import platform_ops as ops, vit  # noqa: E402
+from dino_jax.models import head, platform_ops as ops, vit  # noqa: E402
 
 
 def _plain_dot(x, kernel):
@@ -54,6 +54,7 @@ VARIANTS = {
     "gelu": [(ops, "gelu", _autodiff_gelu), (ops, "cpu_bias_gelu", lambda h, b: _autodiff_gelu(h + b))],
     "layer_norm": [(ops, "cpu_layer_norm", vit.layer_norm_formula)],
     "attention": [(ops, "attention", _autodiff_attention)],
+    "weight_norm": [(ops, "cpu_weight_norm", head.weight_norm)],
     "library_options": [(train, "_cpu_library_options", lambda: ())],
 }
 

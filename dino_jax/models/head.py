@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dino_jax.models import platform_ops as ops
 from dino_jax.models.vit import dense, torch_default_uniform_init
 
 Dtype = Any
@@ -38,13 +39,14 @@ class WeightNormDense(nn.Module):
     """Bias-free Linear with weight normalisation over each output unit."""
     features: int
     dtype: Dtype = jnp.float32
+    platform_ops: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         in_dim = x.shape[-1]
         v = self.param("weight_v", torch_default_uniform_init(in_dim), (in_dim, self.features))
         g = self.param("weight_g", nn.initializers.ones, (1, self.features))
-        w = weight_norm(v, g)
+        w = ops.select(self.platform_ops, weight_norm, ops.cpu_weight_norm)(v, g)
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
 
 
@@ -67,7 +69,7 @@ class DINOHead(nn.Module):
         for i, d in enumerate(dims):
             x = dense(d, self.dtype, f"mlp_{i}", platform_ops=self.platform_ops, gelu=i < len(dims) - 1)(x)
         x = l2_normalize(x.astype(jnp.float32))
-        return WeightNormDense(self.out_dim, self.dtype, name="last_layer")(x)
+        return WeightNormDense(self.out_dim, self.dtype, self.platform_ops, name="last_layer")(x)
 
 
 def frozen_weight_g_mask(head_params, norm_last_layer: bool):
