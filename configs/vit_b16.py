@@ -5,7 +5,7 @@
 
 Sized for: global batch 1024 on 16 GPUs of 32 GB (the README's
 ``run_with_submitit.py --nodes 2 --ngpus 8 --use_volta32 --arch vit_base``), or a
-TPU v3-32 / v4-32 pod slice (every host runs the same command).
+TPU v5e-16 slice (every host runs the same command; docs/tpu_memory.md).
 Official result (README, pretrained models): 76.1% k-NN, 78.2% linear on
 ImageNet (the released model; 400 epochs).
 

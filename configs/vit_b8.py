@@ -3,9 +3,9 @@
     python -m dino_jax.main --config=configs/vit_b8.py --workdir=DIR \
         --config.data.tfds_data_dir=/path/to/tensorflow_datasets
 
-Sized for: global batch 1024 on 16+ GPUs of 32-80 GB or a TPU v3-64 / v4-32
-pod slice (every host runs the same command); add --config.model.remat=True
-or --config.num_fsdp=N where memory is short.
+Sized for: global batch 1024 on 16+ GPUs of 32-80 GB, or a TPU v5e-16 slice with
+--config.model.remat=True (every host runs the same command; docs/tpu_memory.md);
+add --config.model.remat=True where memory is short.
 Official result (README, pretrained models): 77.4% k-NN, 80.1% linear on
 ImageNet (the released model; 300 epochs).
 

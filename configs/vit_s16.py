@@ -4,8 +4,8 @@
         --config.data.tfds_data_dir=/path/to/tensorflow_datasets
 
 Sized for: one node of 8 GPUs (8 x 64 = 512, the official run: 1.75 days on
-8 V100s), or a TPU v3-8 / v4-8 / v5e-8 (every host of a pod slice runs the same
-command). One GPU: configs/vit_s16_1gpu.py.
+8 V100s), or a TPU v5e-16 slice (every host runs the same command;
+docs/tpu_memory.md). One GPU: configs/vit_s16_1gpu.py.
 Official result (README, "Vanilla DINO training"): 69.3% k-NN, 74.0% linear on
 ImageNet. The official command is ``main_dino.py --arch vit_small`` (all code
 defaults); model.dtype 'auto' computes in bfloat16 on GPU/TPU (official: fp16).

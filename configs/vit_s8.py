@@ -4,9 +4,9 @@
         --config.data.tfds_data_dir=/path/to/tensorflow_datasets
 
 Sized for: global batch 1024, e.g. 2 nodes x 8 GPUs x 64 (the official
-multi-node set-up), or a TPU v3-32 / v4-32 pod slice (every host runs the
-same command); 785 tokens per global crop, so bfloat16 ('auto') and remat
-help on 16-40 GB devices.
+multi-node set-up), or a TPU v4-16 slice with --config.model.remat=True (every
+host runs the same command; docs/tpu_memory.md); 785 tokens per global crop, so
+bfloat16 ('auto') and remat help on 16-40 GB devices.
 Official result (README, pretrained models): 78.3% k-NN, 79.7% linear on
 ImageNet (the released model; 800 epochs).
 
