@@ -16,7 +16,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -27,7 +26,7 @@ import pytest
 from dino_jax import checkpoint, export, extract, metrics_log, paths, torch_weights
 from official_fixtures import nu_by_param_path, state_rel_err
 from test_data import _tiny_tfds
-from test_main import final_state
+from test_main import communicate_all, final_state, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES, BATCH, STEPS = 32, 8, 6
@@ -77,22 +76,12 @@ def run(emulator, workdir, data, *extra, kill_at=0, cwd):
 
 def run_two(emulator, workdir, data, *extra, kill_at=0, cwd):
     """Two jax.distributed CPU processes (one device each) on one workdir: their outputs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen(_cmd(workdir, data, f"--coordinator_address=127.0.0.1:{port}",
                                    "--num_processes=2", f"--process_id={i}", *extra, kill_at=kill_at),
                               cwd=cwd, env=_env(emulator), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=600)
-        finally:
-            if p.poll() is None:
-                p.kill()
-        outs.append((p.returncode, out))
-    return outs
+    return communicate_all(procs)
 
 
 def assert_same_run(ref, got, exact):

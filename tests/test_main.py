@@ -175,10 +175,23 @@ def test_missing_dataset_fails_with_one_line(tmp_path):
     assert len(err) == 1 and "/nonexistent/fmnist" in err[0], r.stderr[-2000:]
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def communicate_all(procs, timeout=600):
+    """[(returncode, output)] of started processes, each killed if it outlives ``timeout``."""
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        outs.append((p.returncode, out))
+    return outs
 
 
 def test_two_processes_match_one_process(reference_run, tmp_path):
@@ -187,18 +200,13 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     (up to float summation order: drop path is 0 and augmentation is per example)."""
     ref_dir, _ = reference_run
     workdir = str(tmp_path / "two")
-    port = _free_port()
+    port = free_port()
     procs = [run_main(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}", wait=False) for i in range(2)]
     outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=600)
-        finally:
-            if p.poll() is None:
-                p.kill()
+    for rc, out in communicate_all(procs):
+        assert rc == 0, out[-3000:]
         outs.append(out)
-        assert p.returncode == 0, out[-3000:]
     assert "2 process(es), 2 device(s)" in outs[0]
     _, ref, _ = final_state(ref_dir)
     step, got, _ = final_state(workdir)
