@@ -265,7 +265,8 @@ class Attention(nn.Module):
         qkv = dense(3 * self.dim, self.dtype, "qkv", self.qkv_bias, self.platform_ops)(x)
         attn = None
         if self.fused or cls_only or return_attention:
-            # q, k, v sliced in place: moving the "three" axis first is a relayout copy on TPU
+            # q, k, v sliced in place, not with the "three" axis moved first: with this layout
+            # every recipe's train step fits its TPU slice (docs/tpu_memory.md)
             t = einops.rearrange(qkv, "b n (three h d) -> b n three h d", three=3, h=self.num_heads)
             q, k, v = t[:, :, 0], t[:, :, 1], t[:, :, 2]
             if cls_only:
