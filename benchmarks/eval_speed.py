@@ -331,9 +331,9 @@ def jobs(a, sec, data, n, pth, ck, out):
         ep = str(n["linear_epochs"])
 
         def agree(o, f):
-            m = re.findall(r"Max accuracy so far: ([\d.]+)%|Acc@1 ([\d.]+)", f)
-            acc = [float(x or y) for x, y in m]
-            return {"top1": [last_json(o).get("linear_top1"), acc[-1] if acc else None]}
+            # best validation top-1 over the epochs on each side (eval_linear.py's "Max accuracy")
+            best = re.findall(r"Max accuracy so far: ([\d.]+)%", f)
+            return {"best_top1": [last_json(o).get("best_acc1"), float(best[-1]) if best else None]}
 
         return [("linear", [py, "-m", "dino_jax.eval.linear", "--checkpoint", ck, "--source", "image_folder",
                             "--path", data, "--train_split", "train", "--eval_split", "val", "--epochs", ep,
