@@ -6,8 +6,9 @@ Builds the bare train step (``benchmarks/train_step.py``'s ``build_bare_step``,
 float32, ``model.platform_ops=cpu``) once per variant in one process: ``all_on``, then
 each variant with one form (a CPU form, or one of the two every platform runs: gelu,
 attention) replaced by JAX's autodiff of its plain formula (``generic`` replaces them
-all). The variants then take turns, round after round (the order reversed every
-other round), each turn timing ``--steps`` steps by process CPU time. Prints the
+all), or with the bias + GELU backward's barrier removed (``recompute_barrier``). The
+variants then take turns, round after round (the order reversed every other round),
+each turn timing ``--steps`` steps by process CPU time. Prints the
 median per variant and its ratio to ``all_on`` (> 1: the form saves that much); the
 last line is a JSON object. Pin it to one core (``taskset``) for a stable figure.
 """
@@ -51,6 +52,7 @@ VARIANTS = {
     "linear": [(ops, "cpu_linear", _plain_dot)],
     "add_bias": [(ops, "cpu_add_bias", lambda y, b: y + b)],
     "bias_gelu": [(ops, "cpu_bias_gelu", lambda h, b: ops.gelu(h + b))],
+    "recompute_barrier": [(ops, "_recompute_from", lambda h: h)],
     "gelu": [(ops, "gelu", _autodiff_gelu), (ops, "cpu_bias_gelu", lambda h, b: _autodiff_gelu(h + b))],
     "layer_norm": [(ops, "cpu_layer_norm", vit.layer_norm_formula)],
     "attention": [(ops, "attention", _autodiff_attention)],

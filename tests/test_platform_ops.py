@@ -227,6 +227,21 @@ def test_cpu_linear_equals_the_product_and_its_gradients(d_in, d_out):
 # --------------------------------------------------------------------------
 # Compiled XLA:CPU programs.
 # --------------------------------------------------------------------------
+def test_cpu_bias_gelu_backward_recomputes_the_erf():
+    """In the compiled CPU program of cpu_bias_gelu's forward and backward the erf is
+    evaluated twice, once in each pass: the backward recomputes it from the saved
+    product, where XLA would otherwise store the forward's erf for the backward."""
+    h, c = jnp.ones((4, 50, 96)), jnp.ones((4, 50, 96))
+
+    def forward_backward(h, b, c):
+        y, vjp = jax.vjp(platform_ops.cpu_bias_gelu, h, b)
+        return y, vjp(c)
+
+    hlo = jax.jit(forward_backward, compiler_options=train.step_compiler_options("cpu")).lower(
+        h, jnp.ones((96,)), c).compile().as_text()
+    assert len(re.findall(r" erf\(", hlo)) == 2, hlo
+
+
 def _tiny_step_config(depth):
     config = base_config()
     config.update(dict(

@@ -111,17 +111,25 @@ def _attention_fwd(qkv, num_heads: int):
     return o.transpose(0, 2, 1, 3).reshape(b, n, -1), (q, k, v, p)
 
 
+def _transposed_product(a, b):
+    """``a^T b`` per (batch, head), (B, H, Q, K) and (B, H, Q, d) -> (B, H, K, d), from a
+    copy of ``a`` transposed in memory and kept by a barrier (XLA would fold the
+    transpose back into the product): with it the patch-8 recipes' remat steps take
+    less TPU HBM, vit_b8's by a fifth (docs/tpu_memory.md)."""
+    return jnp.einsum("bhkq,bhqd->bhkd", jax.lax.optimization_barrier(jnp.swapaxes(a, 2, 3)), b)
+
+
 def _attention_bwd(num_heads: int, res, g):
     q, k, v, p = res
     b, h, n, hd = q.shape
     go = g.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
     pc = p.astype(v.dtype)
-    dv = jnp.einsum("bhqk,bhqd->bhkd", pc, go)
+    dv = _transposed_product(pc, go)
     dp = jnp.einsum("bhqd,bhkd->bhqk", go, v).astype(jnp.float32)
     # softmax backward, then the cast and the scale of the logits
     ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
     dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
-    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
+    dk = _transposed_product(ds, q)
     # (B, N, 3H, hd): each gradient moved to (B, N, H, hd), then joined on the head axis
     # (XLA:CPU runs three 4-D transposes and a concatenation faster than the 5-D
     # transpose of their stack).
@@ -229,9 +237,17 @@ def _bias_gelu_fwd(h, bias):
     return cpu_bias_gelu(h, bias), (h, bias)
 
 
+def _recompute_from(h):
+    """``h`` behind an optimisation barrier: the backward then recomputes the erf from it.
+    Without the barrier XLA shares the forward's erf with the backward, which splits the
+    forward into an erf pass and a product pass and makes the backward read the stored
+    erf."""
+    return jax.lax.optimization_barrier(h)
+
+
 def _bias_gelu_bwd(res, g):
     h, bias = res
-    dx = _gelu_bwd(h + bias, g)[0]
+    dx = _gelu_bwd(_recompute_from(h) + bias, g)[0]
     return dx, _bias_gradient(dx)
 
 
@@ -287,8 +303,6 @@ def _layer_norm_bwd(eps, dtype, res, g):
 
 
 cpu_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
 
 
 # --------------------------------------------------------------------------
