@@ -111,25 +111,17 @@ def _attention_fwd(qkv, num_heads: int):
     return o.transpose(0, 2, 1, 3).reshape(b, n, -1), (q, k, v, p)
 
 
-def _transposed_product(a, b):
-    """``a^T b`` per (batch, head), (B, H, Q, K) and (B, H, Q, d) -> (B, H, K, d), from a
-    copy of ``a`` transposed in memory and kept by a barrier (XLA would fold the
-    transpose back into the product): with it the patch-8 recipes' remat steps take
-    less TPU HBM, vit_b8's by a fifth (docs/tpu_memory.md)."""
-    return jnp.einsum("bhkq,bhqd->bhkd", jax.lax.optimization_barrier(jnp.swapaxes(a, 2, 3)), b)
-
-
 def _attention_bwd(num_heads: int, res, g):
     q, k, v, p = res
     b, h, n, hd = q.shape
     go = g.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
     pc = p.astype(v.dtype)
-    dv = _transposed_product(pc, go)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", pc, go)
     dp = jnp.einsum("bhqd,bhkd->bhqk", go, v).astype(jnp.float32)
     # softmax backward, then the cast and the scale of the logits
     ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
     dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
-    dk = _transposed_product(ds, q)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
     # (B, N, 3H, hd): each gradient moved to (B, N, H, hd), then joined on the head axis
     # (XLA:CPU runs three 4-D transposes and a concatenation faster than the 5-D
     # transpose of their stack).

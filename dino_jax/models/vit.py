@@ -265,12 +265,12 @@ class Attention(nn.Module):
         qkv = dense(3 * self.dim, self.dtype, "qkv", self.qkv_bias, self.platform_ops)(x)
         attn = None
         if self.fused or cls_only or return_attention:
-            # q, k, v sliced in place (q's CLS row in the same slice), not with the "three" axis
-            # moved first: the TPU HBM of the patch-8 recipes depends on this layout, and
-            # docs/tpu_memory.md gives it for each layout compiled
+            # q, k, v sliced in place, not with the "three" axis moved first: with this layout
+            # every recipe's train step fits its TPU slice (docs/tpu_memory.md)
             t = einops.rearrange(qkv, "b n (three h d) -> b n three h d", three=3, h=self.num_heads)
-            rows = 1 if cls_only else None
-            q, k, v = t[:, :rows, 0], t[:, :, 1], t[:, :, 2]
+            q, k, v = t[:, :, 0], t[:, :, 1], t[:, :, 2]
+            if cls_only:
+                q = q[:, :1]
             if self.fused and not return_attention:
                 out = ops.fused_attention(q, k, v, q.shape[-1] ** -0.5)
             else:
