@@ -125,14 +125,18 @@ def _official_attention_core(qkv, num_heads):
     return (attn @ v).transpose(1, 2).reshape(b, n, c)
 
 
-@pytest.mark.parametrize("num_heads,hd", [(3, 32), (2, 64)])
-def test_attention_forms_match_official_and_its_gradient(num_heads, hd):
+@pytest.mark.parametrize("num_heads,hd,query_block", [(3, 32, None), (2, 64, None), (3, 32, 5)])
+def test_attention_forms_match_official_and_its_gradient(num_heads, hd, query_block, monkeypatch):
     """platform_ops.attention (hand-written backward; every platform runs it) and JAX's
     autodiff of the plain formula (vit.dot_product_attention) each equal the official
     module's attention in float64 torch autograd,
     value and gradient, to 1e-5 of the largest entry; in bfloat16 the two agree to bf16
-    rounding (2e-2). hd=32 has a scale that is not a power of two (order matters)."""
+    rounding (2e-2). hd=32 has a scale that is not a power of two (order matters).
+    ``query_block`` 5 runs attention over query chunks (17 rows: 8, 8, 1), the
+    form that sequences longer than QUERY_BLOCK get."""
     torch = pytest.importorskip("torch")  # installed by .ci/run (the CPU wheel)
+    if query_block is not None:
+        monkeypatch.setattr(platform_ops, "QUERY_BLOCK", query_block)
     rng = np.random.default_rng(0)
     b, n, c = 3, 17, num_heads * hd
     qkv = (2 * rng.normal(size=(b, n, 3 * c))).astype(np.float32)

@@ -14,6 +14,8 @@ only where it makes the whole CPU step at least 5% faster
 Two operations have one form on every platform, with a hand-written backward:
 :func:`gelu` and :func:`attention`. Each lowers TPU HBM against autodiff of the plain
 formula and makes the CPU step faster (docs/tpu_memory.md, benchmarks/README.md).
+Sequences longer than ``QUERY_BLOCK`` tokens (patch 8 at 224 px) run attention per
+chunk of query rows, so that its backward never holds a whole (B, H, N, N) gradient.
 
 :func:`fused_attention` is the ``model.fused_attention`` deviation (off by default):
 cuDNN's kernel on a GPU.
@@ -86,7 +88,8 @@ def attention(qkv, num_heads: int):
     HBM; on XLA:CPU autodiff re-derives
     each operand's layout and copies the operands around every batched product,
     where here there is one copy in and one out (docs/tpu_memory.md,
-    benchmarks/README.md). The same products and sums as autodiff."""
+    benchmarks/README.md). The same products and sums as autodiff; over query chunks
+    (:func:`_query_chunks`), dk and dv add the chunks' float32 partial sums."""
     return _attention_fwd(qkv, num_heads)[0]
 
 
@@ -103,30 +106,64 @@ def _attention_probs(q, k):
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
+# Query rows per chunk of attention: longer sequences (patch 8 at 224 px, 785 tokens)
+# compute the probabilities and the backward per chunk of query rows, so that no
+# (B, H, N, N) gradient tensor is whole at once (TPU HBM); ViT-S/16 at 224 px
+# (197 tokens) and shorter run in one piece.
+QUERY_BLOCK = 256
+
+
+def _query_chunks(n: int) -> list[slice]:
+    """Query-row slices of ``n`` rows: one where ``n <= QUERY_BLOCK``, else ceil(n / QUERY_BLOCK)
+    chunks of equal length rounded up to a multiple of 8 rows (TPU tiles), the last one
+    shorter."""
+    if n <= QUERY_BLOCK:
+        return [slice(0, n)]
+    chunks = -(-n // QUERY_BLOCK)
+    size = -(-n // (8 * chunks)) * 8
+    return [slice(r, r + size) for r in range(0, n, size)]
+
+
 def _attention_fwd(qkv, num_heads: int):
     b, n, _ = qkv.shape
     q, k, v = _split_heads(qkv, num_heads)
-    p = _attention_probs(q, k)
-    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v)
-    return o.transpose(0, 2, 1, 3).reshape(b, n, -1), (q, k, v, p)
+    # each chunk's softmax rows are whole: the same values as one product over all rows
+    ps = tuple(_attention_probs(q[:, :, i], k) for i in _query_chunks(n))
+    o = jnp.concatenate([jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v) for p in ps], axis=2)
+    return o.transpose(0, 2, 1, 3).reshape(b, n, -1), (q, k, v, ps)
 
 
 def _attention_bwd(num_heads: int, res, g):
-    q, k, v, p = res
+    q, k, v, ps = res
     b, h, n, hd = q.shape
     go = g.reshape(b, n, h, hd).transpose(0, 2, 1, 3)
-    pc = p.astype(v.dtype)
-    dv = jnp.einsum("bhqk,bhqd->bhkd", pc, go)
-    dp = jnp.einsum("bhqd,bhkd->bhqk", go, v).astype(jnp.float32)
-    # softmax backward, then the cast and the scale of the logits
-    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
-    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
+    if len(ps) == 1:
+        dq, dk, dv = _attention_bwd_rows(q, k, v, ps[0], go, q.dtype)
+    else:
+        # dk and dv sum over the query rows: the chunks' float32 partials, then one cast
+        parts = [_attention_bwd_rows(q[:, :, i], k, v, p, go[:, :, i], jnp.float32)
+                 for i, p in zip(_query_chunks(n), ps)]
+        dq = jnp.concatenate([t[0] for t in parts], axis=2)
+        dk, dv = (functools.reduce(jnp.add, [t[j] for t in parts]).astype(q.dtype) for j in (1, 2))
     # (B, N, 3H, hd): each gradient moved to (B, N, H, hd), then joined on the head axis
     # (XLA:CPU runs three 4-D transposes and a concatenation faster than the 5-D
     # transpose of their stack).
     d = jnp.concatenate([t.transpose(0, 2, 1, 3) for t in (dq, dk, dv)], axis=2)
     return (d.reshape(b, n, 3 * h * hd),)
+
+
+def _attention_bwd_rows(q, k, v, p, go, kv_dtype):
+    """dq for the query rows in ``q``, ``p`` and ``go`` (all keys in ``k``, ``v``), and those
+    rows' contributions to dk and dv, in ``kv_dtype``."""
+    hd = q.shape[-1]
+    pc = p.astype(v.dtype)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", pc, go, preferred_element_type=kv_dtype)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", go, v).astype(jnp.float32)
+    # softmax backward, then the cast and the scale of the logits
+    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(q.dtype) * (hd ** -0.5)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q, preferred_element_type=kv_dtype)
+    return dq, dk, dv
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
