@@ -32,6 +32,7 @@ time, and every ``--find_max_batch`` probe costs as much.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -105,6 +106,9 @@ def parse_args(argv=None):
                          "batch; the schedules are step arguments held on every chip)")
     ap.add_argument("--dump_hlo", default=None,
                     help="write the compiled (optimised, partitioned) HLO text of the first compile here")
+    ap.add_argument("--lowered_sha256", action="store_true",
+                    help="print the SHA-256 of the lowered step (StableHLO, before compiling) and stop: "
+                         "two checkouts with the same digest compile to the same program")
     ap.add_argument("--libtpu_dir", default=DEFAULT_LIBTPU_DIR,
                     help="folder holding the libtpu package (pip install --target DIR libtpu==...); "
                          f"default $DINO_JAX_LIBTPU_DIR or {DEFAULT_LIBTPU_DIR}")
@@ -282,9 +286,8 @@ def parse_oom(msg: str) -> dict:
     return out
 
 
-def compile_step(config, mesh, models, optimizer, steps_per_epoch, capacity_bytes, dump_hlo=None):
-    """Compile the real train step for ``mesh``; a dict of what came out."""
-
+def lower_step(config, mesh, models, optimizer, steps_per_epoch):
+    """The real train step for ``mesh``, lowered (not compiled)."""
     try:
         sharding.check_batch_size(int(config.batch_size), mesh)
     except ValueError as e:
@@ -292,8 +295,13 @@ def compile_step(config, mesh, models, optimizer, steps_per_epoch, capacity_byte
     state, state_sh, batch, sched = abstract_arguments(config, mesh, models, optimizer, steps_per_epoch)
     step = train.TrainStep(config, sched, mesh=mesh, state_sharding=state_sh, models=models,
                            optimizer=optimizer)
+    return step.lower(state, batch)
+
+
+def compile_step(config, mesh, models, optimizer, steps_per_epoch, capacity_bytes, dump_hlo=None):
+    """Compile the real train step for ``mesh``; a dict of what came out."""
+    lowered = lower_step(config, mesh, models, optimizer, steps_per_epoch)
     t0 = time.time()
-    lowered = step.lower(state, batch)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -452,6 +460,12 @@ def main(argv=None):
                          f"{n} chips of {a.topology}: use a multiple of {n}")
     models = train.build_models(config)
     optimizer = train.make_optimizer(config)
+
+    if a.lowered_sha256:
+        spe = a.steps_per_epoch or max(1, IMAGENET_TRAIN // int(config.batch_size))
+        text = lower_step(config, mesh, models, optimizer, spe).as_text()
+        print(f"lowered step sha256 {hashlib.sha256(text.encode()).hexdigest()} ({len(text)} characters)")
+        return 0
 
     def probe(per_chip):
         config.batch_size = per_chip * n

@@ -4,6 +4,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -120,6 +121,21 @@ def test_tpu_aot_compiles_tiny_step_for_v5e_dp_and_fsdp(tiny_config):
     assert fs["argument_bytes"] < dp["argument_bytes"]
     assert fs["collectives"]["all-gather"] >= 1
     assert fs["xla_flops_per_image"] == pytest.approx(dp["xla_flops_per_image"], rel=0.05)
+
+
+def test_lowered_sha256_is_the_same_for_the_same_program(tiny_config):
+    """--lowered_sha256 digests the lowered step without compiling: the same arguments give
+    the same digest in two processes, and --remat (another program) a different one."""
+    common = ["--topology", "v5e:2x2", "--config", tiny_config, "--lowered_sha256"]
+    procs = [_start(common), _start(common), _start(common + ["--remat"])]
+    digests = []
+    for p in procs:
+        rc, out, err = _finish(p)
+        assert rc == 0, f"rc {rc}\n{out[-2000:]}\n{err[-3000:]}"
+        m = re.fullmatch(r"lowered step sha256 ([0-9a-f]{64}) \(\d+ characters\)", out.strip().splitlines()[-1])
+        assert m, out
+        digests.append(m.group(1))
+    assert digests[0] == digests[1] != digests[2]
 
 
 def test_tpu_aot_bad_input_one_error_line(tiny_config, tmp_path):
