@@ -114,9 +114,9 @@ QUERY_BLOCK = 256
 
 
 def _query_chunks(n: int) -> list[slice]:
-    """Query-row slices of ``n`` rows: one where ``n <= QUERY_BLOCK``, else ceil(n / QUERY_BLOCK)
-    chunks of equal length rounded up to a multiple of 8 rows (TPU tiles), the last one
-    shorter."""
+    """Query-row slices of ``n`` rows: one where ``n <= QUERY_BLOCK``; else slices of
+    ``n / ceil(n / QUERY_BLOCK)`` rows rounded up to a multiple of 8 (TPU tiles), the last
+    one shorter (785 rows: 200, 200, 200, 185)."""
     if n <= QUERY_BLOCK:
         return [slice(0, n)]
     chunks = -(-n // QUERY_BLOCK)
