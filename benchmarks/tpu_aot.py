@@ -461,16 +461,17 @@ def main(argv=None):
     models = train.build_models(config)
     optimizer = train.make_optimizer(config)
 
+    def steps_per_epoch():
+        return a.steps_per_epoch or max(1, IMAGENET_TRAIN // int(config.batch_size))
+
     if a.lowered_sha256:
-        spe = a.steps_per_epoch or max(1, IMAGENET_TRAIN // int(config.batch_size))
-        text = lower_step(config, mesh, models, optimizer, spe).as_text()
+        text = lower_step(config, mesh, models, optimizer, steps_per_epoch()).as_text()
         print(f"lowered step sha256 {hashlib.sha256(text.encode()).hexdigest()} ({len(text)} characters)")
         return 0
 
     def probe(per_chip):
         config.batch_size = per_chip * n
-        spe = a.steps_per_epoch or max(1, IMAGENET_TRAIN // int(config.batch_size))
-        r = compile_step(config, mesh, models, optimizer, spe, capacity, None if known else a.dump_hlo)
+        r = compile_step(config, mesh, models, optimizer, steps_per_epoch(), capacity, None if known else a.dump_hlo)
         print(f"  compiled per-chip batch {per_chip:5d}: {'fits' if r['fits'] else 'does not fit'}, "
               f"HBM {gib(r.get('hbm_total_bytes'))}, {r['compile_s']:.0f} s", file=sys.stderr, flush=True)
         return r
